@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import InputError
+
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 _DEVICES = {"torch": ("cpu", "cuda"), "cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}
@@ -77,7 +79,7 @@ def _status(name: str) -> BackendStatus:
                 False, "no CUDA device; set TRITON_INTERPRET=1 to run the kernels in the interpreter"
             )
         return BackendStatus(True, None, "interpreter" if _interpreting() else "gpu")
-    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
+    raise InputError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
 
 
 def backends() -> dict[str, BackendStatus]:
@@ -98,7 +100,7 @@ def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend that runs an op on tensors of ``device``."""
     dev = device.type
     if dev not in ("cpu", "cuda"):
-        raise ValueError(f"sstmerge ops run on cpu or cuda tensors, got device {device}")
+        raise InputError(f"sstmerge ops run on cpu or cuda tensors, got device {device}")
     if backend == "auto":
         reasons = []
         for name in _AUTO_ORDER[dev]:

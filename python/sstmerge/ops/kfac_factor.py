@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from . import _checks
 from .backends import glue, resolve
 
@@ -46,7 +47,7 @@ def kfac_sketch_reference(x: Tensor, omega: Tensor, mask: Optional[Tensor] = Non
 def _validate_x(op, x, mask) -> None:
     _checks.tensor(op, "x", x)
     if x.dim() < 2:
-        raise ValueError(f"{op}: x must be at least 2-D ([..., d]), got shape {tuple(x.shape)}")
+        raise InputError(f"{op}: x must be at least 2-D ([..., d]), got shape {tuple(x.shape)}")
     _checks.mask(op, mask, x.shape[:-1])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from . import _checks
 from .backends import glue, resolve
 
@@ -36,9 +37,9 @@ def _validate(w, b, a, scale) -> None:
     _checks.dim_eq(OP, "a's columns (w's d_in)", a.shape[1], w.shape[1])
     _checks.dim_eq(OP, "a's rows (b's rank)", a.shape[0], b.shape[1])
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"{OP}: scale must be a Python float, got {type(scale).__name__}")
+        raise InputError(f"{OP}: scale must be a Python float, got {type(scale).__name__}")
     if w.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{OP}: w requires grad; call it under torch.no_grad()")
+        raise InputError(f"{OP}: w requires grad; call it under torch.no_grad()")
 
 
 @torch.library.custom_op("sstmerge::lora_merge_", mutates_args=("w",))
