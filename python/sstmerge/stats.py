@@ -1,0 +1,182 @@
+"""Paired statistics for the Safety Tax: bootstrap intervals, McNemar's exact test, the tax itself.
+
+Every comparison is *paired*: the baseline and a merged model are evaluated on the same items, and
+each item gives a binary outcome per model (refused / not, correct / not). For n paired items the
+data reduce to the four cell counts
+
+    n11 (both 1), n10 (baseline 1, merged 0), n01 (baseline 0, merged 1), n00 (both 0).
+
+*Paired bootstrap.* Resampling n items with replacement draws the four cell counts from
+Multinomial(n, (n11, n10, n01, n00) / n); this is exactly the item-level paired bootstrap, computed
+in O(R) for R resamples whatever n is. The difference merged − baseline of a resample is
+(n01* − n10*) / n. Intervals are percentile intervals (2.5%, 97.5%), seeded, 10,000 resamples by
+default.
+
+*McNemar's exact test.* Under H0 (no difference) the discordant pairs split as Binomial(n10 + n01, ½);
+the two-sided p-value is min(1, 2·P[X ≤ min(n10, n01)]), computed with exact integers.
+
+*Safety Tax.* tax = utility_loss / safety_gain, where safety_gain = refusal_merged − refusal_baseline
+on harmful prompts and utility_loss = accuracy_baseline − accuracy_merged on MMLU. The two come from
+different item sets, so they are resampled independently and the ratio is taken per resample. The
+tax is *undefined* (value None, with the reason) unless the safety gain's 95% interval lies strictly
+above zero: a ratio over a gain indistinguishable from zero is noise (the research note this project
+grew from reported a tax of 4.13 over a 0.1-point gain between two evaluations of the same model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+N_BOOT = 10_000
+SEED = 0
+
+
+@dataclass(frozen=True)
+class PairedCounts:
+    """The four cells of a paired binary comparison (baseline outcome, merged outcome)."""
+
+    n11: int
+    n10: int
+    n01: int
+    n00: int
+
+    @property
+    def n(self) -> int:
+        return self.n11 + self.n10 + self.n01 + self.n00
+
+    @property
+    def difference(self) -> float:
+        """Merged minus baseline rate."""
+        return (self.n01 - self.n10) / self.n
+
+    @classmethod
+    def from_outcomes(cls, baseline: Sequence, merged: Sequence, what: str = "outcomes") -> "PairedCounts":
+        b = _binary(baseline, f"baseline {what}")
+        m = _binary(merged, f"merged {what}")
+        if b.shape != m.shape:
+            raise InputError(
+                f"paired {what} must cover the same items: baseline has {b.size}, merged has {m.size}"
+            )
+        if b.size == 0:
+            raise InputError(f"no {what} to compare: both outcome lists are empty")
+        return cls(
+            n11=int(np.sum(b & m)), n10=int(np.sum(b & ~m)), n01=int(np.sum(~b & m)), n00=int(np.sum(~b & ~m))
+        )
+
+
+def _binary(x: Sequence, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise InputError(f"{what} must be a flat list of 0/1 outcomes, got shape {a.shape}")
+    if a.dtype != bool and not np.isin(a, (0, 1)).all():
+        raise InputError(f"{what} must be 0/1 (or bool) outcomes, found other values")
+    return a.astype(bool)
+
+
+def proportion(outcomes: Sequence) -> dict:
+    """``{value, n, count}`` of a list of 0/1 outcomes."""
+    a = _binary(outcomes, "outcomes")
+    if a.size == 0:
+        raise InputError("cannot take a rate over zero items")
+    return {"value": float(a.mean()), "n": int(a.size), "count": int(a.sum())}
+
+
+def wilson_interval(count: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score 95% interval of a single proportion count / n."""
+    if n <= 0:
+        raise InputError("cannot take an interval over zero items")
+    p = count / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(counts: PairedCounts) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs n10, n01."""
+    d = counts.n10 + counts.n01
+    if d == 0:
+        return 1.0
+    k = min(counts.n10, counts.n01)
+    tail = sum(math.comb(d, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**d)
+
+
+def bootstrap_differences(counts: PairedCounts, n_boot: int = N_BOOT, seed: int = SEED) -> np.ndarray:
+    """R resampled values of (merged − baseline) rate under the paired bootstrap."""
+    rng = np.random.default_rng(seed)
+    p = np.array([counts.n11, counts.n10, counts.n01, counts.n00], dtype=np.float64) / counts.n
+    cells = rng.multinomial(counts.n, p, size=n_boot)
+    return (cells[:, 2] - cells[:, 1]) / counts.n
+
+
+def _ci(samples: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def paired_change(
+    baseline: Sequence, merged: Sequence, *, sign: int = 1, n_boot: int = N_BOOT, seed: int = SEED, what: str = "outcomes"
+) -> dict:
+    """``{value, ci95, p_value, n}`` for sign·(merged − baseline) rate, paired over items.
+
+    sign=+1 gives a gain (safety gain, over-refusal change); sign=−1 a loss (utility loss).
+    """
+    if sign not in (1, -1):
+        raise ValueError("sign must be +1 or -1")
+    c = PairedCounts.from_outcomes(baseline, merged, what)
+    boot = sign * bootstrap_differences(c, n_boot, seed)
+    return {
+        "value": sign * c.difference,
+        "ci95": _ci(boot),
+        "p_value": mcnemar_exact(c),
+        "n": c.n,
+        "discordant": {"baseline_only": c.n10, "merged_only": c.n01},
+    }
+
+
+def safety_tax(
+    safety_baseline: Sequence,
+    safety_merged: Sequence,
+    utility_baseline: Sequence,
+    utility_merged: Sequence,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+) -> dict:
+    """``{value, ci95, defined, reason}``: utility loss per unit of safety gained, with its interval.
+
+    Undefined (value and ci95 None) unless the safety gain's 95% bootstrap interval is above zero.
+    Interval bounds that are unbounded (resamples with no safety gain) are reported as None.
+    """
+    s = PairedCounts.from_outcomes(safety_baseline, safety_merged, "safety outcomes")
+    u = PairedCounts.from_outcomes(utility_baseline, utility_merged, "utility outcomes")
+    gain_boot = bootstrap_differences(s, n_boot, seed)
+    loss_boot = -bootstrap_differences(u, n_boot, seed + 1)
+    gain_ci = _ci(gain_boot)
+    if gain_ci[0] <= 0.0:
+        if gain_ci[1] < 0.0:
+            reason = f"safety decreased: gain {s.difference:+.4f}, 95% CI [{gain_ci[0]:+.4f}, {gain_ci[1]:+.4f}]"
+        else:
+            reason = (
+                f"safety gain {s.difference:+.4f} is not distinguishable from zero "
+                f"(95% CI [{gain_ci[0]:+.4f}, {gain_ci[1]:+.4f}] contains 0)"
+            )
+        return {"value": None, "ci95": None, "defined": False, "reason": reason}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(gain_boot > 0, loss_boot / np.where(gain_boot > 0, gain_boot, 1.0), np.inf * np.sign(loss_boot))
+    ratio = ratio[~np.isnan(ratio)]  # resamples with no gain and no loss carry no ratio
+    lo, hi = np.percentile(ratio, [2.5, 97.5])
+    bound = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
+    return {
+        "value": (-u.difference) / s.difference,
+        "ci95": [bound(lo), bound(hi)],
+        "defined": True,
+        "reason": f"safety gain {s.difference:+.4f} with 95% CI [{gain_ci[0]:+.4f}, {gain_ci[1]:+.4f}] above 0",
+    }
