@@ -1,0 +1,505 @@
+"""exp1: the Safety Tax experiment, end to end.
+
+    python -m sstmerge.exp1                      # the embedded tiny world, no download
+    python -m sstmerge.exp1 --quick --out D      # the same, small enough for tests (< 60 s)
+    python -m sstmerge.exp1 --model qwen2.5-14b --utility-adapter U --safety-adapter S
+
+Stages (each caches its output in --out; an interrupted run resumes where it stopped):
+
+  prepare   the base model, the utility adapter U and the safety adapter S (the tiny world is built
+            and cached by sstmerge.tiny); the evaluation items, the same for every model.
+  fisher    the Fisher statistics the methods need (sstmerge.merge.fisher_inputs -> sstmerge.fisher).
+  merge     every method over its α sweep, each written as a peft adapter with its diagnostics.
+  evaluate  the baseline (base + U; or the base alone with --baseline base), the reference models and
+            every merged model on the same harmful, benign and MMLU items; per-item records as JSONL.
+  stats     paired bootstrap intervals, McNemar tests and the Safety Tax (sstmerge.stats).
+  report    results.json, report.md and safety_utility.png.
+
+SST-Merge is always part of the run: if it fails in any layer, the run stops with the error and no
+results file is written (the research note this project grew from fell back silently instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__, io, stats
+from .errors import InputError, cli_main
+
+STAGES = ("prepare", "fisher", "merge", "evaluate", "stats", "report")
+FINAL_OUTPUTS = ("results.json", "report.md", "safety_utility.png")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class Config:
+    model: str = "tiny"
+    utility_adapter: str | None = None
+    safety_adapter: str | None = None
+    methods: list[str] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=list)
+    harmful_n: int | None = None
+    benign_n: int | None = None
+    mmlu_n: int | None = None
+    k_shot: int = 0
+    baseline: str = "utility"
+    quick: bool = False
+    seed: int = 0
+    batch_size: int = 32
+    max_new_tokens: int = 16
+    n_boot: int = stats.N_BOOT
+    harmful_data: str | None = None
+    benign_data: str | None = None
+    mmlu_data: str | None = None
+    safety_data: str | None = None
+    utility_data: str | None = None
+    backend: str = "auto"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .merge import DEFAULT_ALPHAS, METHODS
+
+    p = argparse.ArgumentParser(
+        prog="python -m sstmerge.exp1",
+        description="The Safety Tax experiment: baseline vs SST-Merge and baselines, with paired statistics.",
+    )
+    p.add_argument("--model", default="tiny", help="tiny | mistral-7b | llama-3.1-8b | qwen2.5-14b | PATH")
+    p.add_argument("--utility-adapter", help="peft adapter dir of the task (utility) adapter")
+    p.add_argument("--safety-adapter", help="peft adapter dir of the safety adapter")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                   help=f"merge methods (default: all of {', '.join(METHODS)}); sst is always included")
+    p.add_argument("--alphas", nargs="+", type=float, help=f"α sweep (default {' '.join(map(str, DEFAULT_ALPHAS))})")
+    p.add_argument("--harmful-n", type=int, help="harmful prompts to evaluate (default: all held-out)")
+    p.add_argument("--benign-n", type=int, help="benign look-alike prompts to evaluate (default: all)")
+    p.add_argument("--mmlu-n", type=int, help="MMLU questions to evaluate (default: all)")
+    p.add_argument("--k-shot", type=int, default=0, help="MMLU few-shot examples from the dev split")
+    p.add_argument("--baseline", choices=("utility", "base"), default="utility",
+                   help="baseline model: base + utility adapter (default) or the base alone")
+    p.add_argument("--harmful-data", help="harmful prompts file (AdvBench/HarmBench columns) for real models")
+    p.add_argument("--benign-data", help="benign look-alike prompts file (XSTest columns) for real models")
+    p.add_argument("--mmlu-data", help="MMLU test file (cais/mmlu columns) for real models")
+    p.add_argument("--safety-data", help="safety data (chat JSONL) for the Fisher estimates")
+    p.add_argument("--utility-data", help="utility data (chat or MMLU JSONL) for the Fisher estimates")
+    p.add_argument("--quick", action="store_true", help="the tiny world, small: for tests (< 60 s)")
+    p.add_argument("--out", help="run directory (default runs/exp1-<model>[-quick])")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--n-boot", type=int, default=stats.N_BOOT, help="bootstrap resamples")
+    p.add_argument("--backend", default="auto", help="kernel backend for Fisher and fused merges")
+    p.add_argument("--stop-after", choices=STAGES[:-1], help="stop after this stage (resume later)")
+    return p
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from .merge import DEFAULT_ALPHAS, QUICK_ALPHAS
+
+    methods = list(dict.fromkeys(["sst", *args.methods]))
+    alphas = args.alphas or list(QUICK_ALPHAS if args.quick else DEFAULT_ALPHAS)
+    if any(not (0.0 <= a <= 4.0) for a in alphas):
+        raise InputError(f"--alphas must lie in [0, 4], got {alphas}")
+    for name in ("harmful_n", "benign_n", "mmlu_n"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.quick and args.model != "tiny":
+        raise InputError("--quick runs the tiny world; drop --model or --quick")
+    cfg = Config(
+        model=args.model, utility_adapter=args.utility_adapter, safety_adapter=args.safety_adapter,
+        methods=methods, alphas=sorted(set(alphas)), harmful_n=args.harmful_n, benign_n=args.benign_n,
+        mmlu_n=args.mmlu_n, k_shot=args.k_shot, baseline=args.baseline, quick=args.quick, seed=args.seed,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot,
+        harmful_data=args.harmful_data, benign_data=args.benign_data, mmlu_data=args.mmlu_data,
+        safety_data=args.safety_data, utility_data=args.utility_data, backend=args.backend,
+    )
+    if cfg.quick:
+        cfg.harmful_n = cfg.harmful_n or 48
+        cfg.benign_n = cfg.benign_n or 32
+        cfg.mmlu_n = cfg.mmlu_n or 96
+    return cfg
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    p = Path(path)
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict:
+    import numpy
+    import peft
+    import torch
+    import transformers
+
+    from .ops import backends
+
+    return {
+        "sstmerge": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "backends": {k: (v.detail if v.usable else f"unusable: {v.reason}") for k, v in backends().items()},
+    }
+
+
+class Cache:
+    """A stage output under the run dir, valid while its stored key matches the current inputs."""
+
+    def __init__(self, root: Path, log: Callable[[str], None]):
+        self.root = root
+        self.log = log
+
+    def json(self, rel: str, key: dict, compute: Callable[[], object]):
+        path = self.root / rel
+        k = _hash(key)
+        if path.exists():
+            try:
+                stored = json.loads(path.read_text())
+                if stored.get("key") == k:
+                    self.log(f"  cached: {rel}")
+                    return stored["value"]
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                self.log(f"  corrupt cache entry {rel}: recomputing")
+        value = compute()
+        io.write_json(path, {"key": k, "inputs": key, "value": value})
+        return value
+
+    def directory(self, rel: str, key: dict, build: Callable[[Path], None]) -> Path:
+        """A directory built by ``build(tmp)`` and renamed into place, with its key in .key."""
+        path = self.root / rel
+        k = _hash(key)
+        if (path / ".key").exists() and (path / ".key").read_text().strip() == k:
+            self.log(f"  cached: {rel}/")
+            return path
+        with io.atomic_dir(path) as tmp:
+            build(tmp)
+            (tmp / ".key").write_text(k + "\n")
+        return path
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class Prepared:
+    base: str
+    utility: str
+    safety: str
+    harmful: list[dict]
+    benign: list[dict]
+    mmlu: list[dict]
+    mmlu_dev: list[dict]
+    safety_rows: list[dict]
+    utility_rows: list[dict]
+    hashes: dict
+
+
+def _take(items: list[dict], n: int | None, what: str) -> list[dict]:
+    if not items:
+        raise InputError(f"no {what} items to evaluate")
+    return items if n is None else items[:n]
+
+
+def prepare(cfg: Config, log) -> Prepared:
+    from . import eval as ev
+
+    if cfg.model == "tiny":
+        from .tiny import ensure_tiny_world
+
+        if cfg.utility_adapter or cfg.safety_adapter:
+            raise InputError("the tiny world trains its own adapters; --utility/--safety-adapter need --model")
+        w = ensure_tiny_world(quick=cfg.quick, progress=True)
+        base, utility, safety = str(w.base_model), str(w.utility_adapter), str(w.safety_adapter)
+        files = {"harmful": w.harmful_test, "benign": w.benign_test, "mmlu": w.mmlu_test,
+                 "mmlu_dev": w.mmlu_dev, "safety": w.safety_fisher, "utility": w.utility_fisher}
+    else:
+        from .data import registry
+
+        if not (cfg.utility_adapter and cfg.safety_adapter):
+            raise InputError(
+                f"--model {cfg.model} needs --utility-adapter DIR and --safety-adapter DIR "
+                "(peft adapters trained on this base; `python -m sstmerge.train --help` trains them)"
+            )
+        base, utility, safety = cfg.model, cfg.utility_adapter, cfg.safety_adapter
+        files = {
+            "harmful": cfg.harmful_data or registry.resolve("advbench"),
+            "benign": cfg.benign_data or registry.resolve("xstest"),
+            "mmlu": cfg.mmlu_data or registry.resolve("mmlu"),
+            "mmlu_dev": registry.resolve("mmlu-dev") if cfg.k_shot else None,
+            "safety": cfg.safety_data or registry.resolve("safety-train"),
+            "utility": cfg.utility_data or registry.resolve("utility-train"),
+        }
+    for name, path in (("utility adapter", utility), ("safety adapter", safety)):
+        if not Path(path).is_dir():
+            raise InputError(f"{name} {path} is not a directory; give a peft adapter dir")
+    harmful = _take(ev.load_items("refusal", files["harmful"]), cfg.harmful_n, "harmful")
+    benign = _take(ev.load_items("over-refusal", files["benign"]), cfg.benign_n, "benign")
+    mmlu = _take(ev.load_items("mmlu", files["mmlu"]), cfg.mmlu_n, "MMLU")
+    mmlu_dev = ev.load_items("mmlu", files["mmlu_dev"]) if files.get("mmlu_dev") else []
+    safety_rows = _read_jsonl(files["safety"])
+    utility_rows = _read_jsonl(files["utility"])
+    hashes = {k: file_sha256(v) for k, v in files.items() if v}
+    hashes["utility_adapter"] = file_sha256(utility)
+    hashes["safety_adapter"] = file_sha256(safety)
+    if Path(base).is_dir():
+        hashes["base_model"] = file_sha256(base)
+    log(f"  items: {len(harmful)} harmful, {len(benign)} benign, {len(mmlu)} MMLU")
+    return Prepared(base, utility, safety, harmful, benign, mmlu, mmlu_dev, safety_rows, utility_rows, hashes)
+
+
+def _read_jsonl(path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise InputError(f"{path} holds no rows")
+    return rows
+
+
+def _point_key(method: str, alpha: float) -> str:
+    return f"{method}_a{alpha:g}"
+
+
+def evaluate_models(cfg: Config, prep: Prepared, adapters: dict[str, str | None], cache: Cache, log) -> dict:
+    """Per-item records of every model: {key: {"safety": [...], "over_refusal": [...], "utility": [...]}}.
+
+    ``adapters`` maps a model key to a peft adapter dir, or None for the base model alone. The base is
+    loaded once; each adapter is wrapped around it, evaluated, and unloaded again.
+    """
+    from tqdm.auto import tqdm
+
+    from . import eval as ev
+    from .models import load_model
+
+    items_key = {"harmful": [r["id"] for r in prep.harmful], "benign": [r["id"] for r in prep.benign],
+                 "mmlu": [r["id"] for r in prep.mmlu], "hashes": prep.hashes, "k_shot": cfg.k_shot,
+                 "max_new_tokens": cfg.max_new_tokens}
+    loaded = {}
+
+    def base_model():
+        if "m" not in loaded:
+            loaded["m"], loaded["t"] = load_model(prep.base)
+        return loaded["m"], loaded["t"]
+
+    out = {}
+    for key, adapter in tqdm(adapters.items(), desc="evaluate", unit="model"):
+        adapter_hash = file_sha256(adapter) if adapter else None
+
+        def run(adapter=adapter):
+            from peft import PeftModel
+
+            model, tok = base_model()
+            wrapped = PeftModel.from_pretrained(model, adapter) if adapter else model
+            wrapped.eval()
+            try:
+                kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                rec = {
+                    "safety": ev.evaluate_refusal(wrapped, tok, [r["prompt"] for r in prep.harmful],
+                                                  ids=[r["id"] for r in prep.harmful], **kw),
+                    "over_refusal": ev.evaluate_refusal(wrapped, tok, [r["prompt"] for r in prep.benign],
+                                                        ids=[r["id"] for r in prep.benign], **kw),
+                    "utility": ev.evaluate_mmlu(wrapped, tok, prep.mmlu, k_shot=cfg.k_shot,
+                                                dev_items=prep.mmlu_dev, batch_size=cfg.batch_size),
+                }
+            finally:
+                if adapter:
+                    loaded["m"] = wrapped.unload()
+            return rec
+
+        rec = cache.json(f"eval/{key}.json", {"items": items_key, "adapter": adapter_hash}, run)
+        for part, rows in rec.items():  # the per-item records, for item-by-item comparison
+            path = cache.root / "eval" / key / f"{part}.jsonl"
+            if not path.exists():
+                io.write_jsonl(path, rows)
+        out[key] = rec
+    return out
+
+
+def _outcomes(records: list[dict], field_name: str, ids: list) -> list[int]:
+    got = [r["id"] for r in records]
+    if got != ids:
+        raise RuntimeError("evaluation records do not cover the run's items in order; delete the eval/ cache")
+    return [int(bool(r[field_name])) for r in records]
+
+
+def statistics(cfg: Config, prep: Prepared, evals: dict, baseline_key: str, diagnostics: dict) -> dict:
+    ids = {"safety": [r["id"] for r in prep.harmful], "over_refusal": [r["id"] for r in prep.benign],
+           "utility": [r["id"] for r in prep.mmlu]}
+    field_of = {"safety": "refused", "over_refusal": "refused", "utility": "correct"}
+
+    def outcomes(key):
+        return {p: _outcomes(evals[key][p], field_of[p], ids[p]) for p in ids}
+
+    def summary(o):
+        return {p: stats.proportion(o[p]) for p in ids}
+
+    base = outcomes(baseline_key)
+    rows = []
+    for method in cfg.methods:
+        for alpha in cfg.alphas:
+            key = _point_key(method, alpha)
+            m = outcomes(key)
+            kw = dict(n_boot=cfg.n_boot, seed=cfg.seed)
+            rows.append({
+                "method": method, "alpha": alpha, **summary(m),
+                "safety_gain": stats.paired_change(base["safety"], m["safety"], sign=1, what="refusals", **kw),
+                "utility_loss": stats.paired_change(base["utility"], m["utility"], sign=-1, what="MMLU outcomes", **kw),
+                "over_refusal_change": stats.paired_change(base["over_refusal"], m["over_refusal"], sign=1,
+                                                           what="benign refusals", **kw),
+                "safety_tax": stats.safety_tax(base["safety"], m["safety"], base["utility"], m["utility"], **kw),
+                "diagnostics": diagnostics.get(key, {}),
+            })
+    refs = {name: summary(outcomes(key)) for name, key in REFERENCES.items() if key in evals}
+    return {"baseline": summary(base), "methods": rows, "references": refs}
+
+
+REFERENCES = {"base": "ref_base", "baseline (base + utility)": "ref_utility", "safety adapter": "ref_safety"}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run(cfg: Config, out_dir: Path, stop_after: str | None = None, log=print) -> dict | None:
+    from tqdm.auto import tqdm
+
+    from . import merge as mg
+    from . import report
+
+    for name in FINAL_OUTPUTS:  # outputs of an earlier run must not outlive a failing one
+        (out_dir / name).unlink(missing_ok=True)
+    cache = Cache(out_dir, log)
+    timings: dict[str, float] = {}
+
+    def stage(name):
+        log(f"[{name}]")
+        timings[name] = time.perf_counter()
+
+    def done(name):
+        timings[name] = round(time.perf_counter() - timings[name], 3)
+        return stop_after == name
+
+    stage("prepare")
+    prep = prepare(cfg, log)  # validates all input before the run directory is created
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if done("prepare"):
+        return None
+
+    stage("fisher")
+    fisher_dir = out_dir / "fisher"
+    fisher = mg.fisher_inputs(
+        cfg.methods, prep.base, prep.utility, prep.safety, safety_rows=prep.safety_rows,
+        utility_rows=prep.utility_rows, cache_dir=fisher_dir, backend=cfg.backend, seed=cfg.seed, progress=True,
+    )
+    if done("fisher"):
+        return None
+
+    stage("merge")
+    adapters: dict[str, str | None] = {}
+    diagnostics: dict[str, dict] = {}
+    points = [(m, a) for m in cfg.methods for a in cfg.alphas]
+    for method, alpha in tqdm(points, desc="merge", unit="merge"):
+        key = _point_key(method, alpha)
+        mkey = {"method": method, "alpha": alpha, "seed": cfg.seed, "hashes": prep.hashes,
+                "options": mg.default_options(method), "fisher": fisher.key if fisher is not None else None}
+
+        def build(tmp: Path, method=method, alpha=alpha):
+            mg.merge(method, prep.base, prep.utility, prep.safety, alpha=alpha, fisher=fisher, out=tmp,
+                     seed=cfg.seed, backend=cfg.backend)
+
+        path = cache.directory(f"merged/{key}", mkey, build)
+        adapters[key] = str(path)
+        diag = path / "diagnostics.json"
+        diagnostics[key] = json.loads(diag.read_text()) if diag.exists() else {}
+    sst_diag = [k for k in adapters if k.startswith("sst_")]
+    if not sst_diag or not all((Path(adapters[k]) / "diagnostics.json").exists() for k in sst_diag):
+        raise RuntimeError("SST-Merge wrote no diagnostics: it did not run; refusing to report results")
+    if done("merge"):
+        return None
+
+    stage("evaluate")
+    baseline_key = "ref_utility" if cfg.baseline == "utility" else "ref_base"
+    models = {"ref_base": None, "ref_utility": prep.utility, "ref_safety": prep.safety, **adapters}
+    evals = evaluate_models(cfg, prep, models, cache, log)
+    if done("evaluate"):
+        return None
+
+    stage("stats")
+    results = statistics(cfg, prep, evals, baseline_key, diagnostics)
+    done("stats")
+
+    stage("report")
+    results = {
+        "baseline_kind": "base + utility adapter" if cfg.baseline == "utility" else "base model alone",
+        **results,
+        "provenance": {
+            **_versions(), "git_commit": _git_commit(), "seed": cfg.seed, "data_hashes": prep.hashes,
+            "config": asdict(cfg), "timings_s": timings, "out_dir": str(out_dir),
+            "evaluation_records": {k: f"eval/{k}/" for k in evals},
+        },
+    }
+    report.write_plot(results, out_dir / "safety_utility.png")
+    report.write_report(results, out_dir)
+    done("report")
+    io.write_json(out_dir / "results.json", results)  # last: its presence means the run completed
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = _config(args)
+    out = Path(args.out or f"runs/exp1-{Path(cfg.model).name}{'-quick' if cfg.quick else ''}")
+    t0 = time.perf_counter()
+    results = run(cfg, out, stop_after=args.stop_after)
+    if results is None:
+        print(f"stopped after {args.stop_after}; run again with the same arguments to resume ({out})")
+        return 0
+    print(f"done in {time.perf_counter() - t0:.1f} s: {out / 'results.json'}, {out / 'report.md'}, "
+          f"{out / 'safety_utility.png'}")
+    sst = [r for r in results["methods"] if r["method"] == "sst"]
+    for r in sst:
+        t = r["safety_tax"]
+        print(f"  sst α={r['alpha']:g}: refusal {r['safety']['value']:.3f}, MMLU {r['utility']['value']:.3f}, "
+              f"tax {'undefined' if not t['defined'] else round(t['value'], 3)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,175 @@
+"""report.md and the safety-vs-utility plot, written from the numbers of results.json only.
+
+The report never computes a statistic itself: every number it shows is read from the results dict
+(sstmerge.exp1 builds it with sstmerge.stats), so the report and results.json cannot disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import io
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _change(c: dict) -> str:
+    lo, hi = c["ci95"]
+    return f"{100 * c['value']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (p={c['p_value']:.2g})"
+
+
+def _tax(t: dict) -> str:
+    if not t["defined"]:
+        return "undefined"
+    lo, hi = t["ci95"]
+    fmt = lambda v: "unbounded" if v is None else f"{v:.2f}"  # noqa: E731
+    return f"{t['value']:.2f} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def _dominates(a: dict, b: dict) -> bool:
+    """a is at least as good as b on safety, utility and over-refusal, and better on one."""
+    ge = (
+        a["safety"]["value"] >= b["safety"]["value"]
+        and a["utility"]["value"] >= b["utility"]["value"]
+        and a["over_refusal"]["value"] <= b["over_refusal"]["value"]
+    )
+    gt = (
+        a["safety"]["value"] > b["safety"]["value"]
+        or a["utility"]["value"] > b["utility"]["value"]
+        or a["over_refusal"]["value"] < b["over_refusal"]["value"]
+    )
+    return ge and gt
+
+
+def sst_standing(results: dict) -> list[str]:
+    """Plain statements of where SST-Merge's points stand against the baselines' points."""
+    rows = results["methods"]
+    sst = [r for r in rows if r["method"] == "sst"]
+    others = [r for r in rows if r["method"] != "sst"]
+    lines = []
+    for s in sst:
+        beaten_by = [f"{o['method']} α={o['alpha']:g}" for o in others if _dominates(o, s)]
+        beats = [f"{o['method']} α={o['alpha']:g}" for o in others if _dominates(s, o)]
+        head = (
+            f"- SST-Merge α={s['alpha']:g}: refusal {_pct(s['safety']['value'])}%, "
+            f"over-refusal {_pct(s['over_refusal']['value'])}%, utility {_pct(s['utility']['value'])}%. "
+        )
+        if beaten_by:
+            head += f"Dominated by {len(beaten_by)} baseline point(s): {', '.join(beaten_by)}. "
+        else:
+            head += "No baseline point dominates it. "
+        head += f"It dominates {len(beats)} baseline point(s)" + (f": {', '.join(beats)}." if beats else ".")
+        lines.append(head)
+    # best defined tax per method
+    best = {}
+    for r in rows:
+        t = r["safety_tax"]
+        if t["defined"] and (r["method"] not in best or t["value"] < best[r["method"]]["safety_tax"]["value"]):
+            best[r["method"]] = r
+    if best:
+        ranked = sorted(best.values(), key=lambda r: r["safety_tax"]["value"])
+        lines.append(
+            "- Lowest defined Safety Tax per method (utility points lost per refusal point gained): "
+            + "; ".join(f"{r['method']} α={r['alpha']:g}: {_tax(r['safety_tax'])}" for r in ranked)
+            + ". Overlapping intervals mean the ranking is not established."
+        )
+    else:
+        lines.append("- No method reached a safety gain distinguishable from zero: no Safety Tax is defined.")
+    return lines
+
+
+def write_report(results: dict, out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    b = results["baseline"]
+    cfg = results["provenance"]["config"]
+    L = [
+        f"# exp1: Safety Tax — {cfg['model']}",
+        "",
+        f"Baseline: **{results['baseline_kind']}**. Items: {b['safety']['n']} harmful prompts, "
+        f"{b['over_refusal']['n']} benign look-alike prompts, {b['utility']['n']} MMLU questions, "
+        "the same items for every model; greedy decoding.",
+        "",
+        "## Reference models",
+        "",
+        "| model | refusal on harmful (%) | refusal on benign (%) | MMLU accuracy (%) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, ref in results["references"].items():
+        L.append(
+            f"| {name} | {_pct(ref['safety']['value'])} | {_pct(ref['over_refusal']['value'])} | "
+            f"{_pct(ref['utility']['value'])} |"
+        )
+    L += [
+        "",
+        "## Merged models against the baseline",
+        "",
+        "Changes are merged minus baseline in points, with paired-bootstrap 95% intervals and McNemar's "
+        "exact p-value. Safety Tax = utility loss / safety gain (MMLU points per refusal point); it is "
+        "undefined when the safety gain's interval contains zero.",
+        "",
+        "| method | α | refusal (%) | over-refusal (%) | MMLU (%) | safety gain | utility loss | "
+        "over-refusal change | Safety Tax |",
+        "|---|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for r in results["methods"]:
+        L.append(
+            f"| {r['method']} | {r['alpha']:g} | {_pct(r['safety']['value'])} | "
+            f"{_pct(r['over_refusal']['value'])} | {_pct(r['utility']['value'])} | "
+            f"{_change(r['safety_gain'])} | {_change(r['utility_loss'])} | "
+            f"{_change(r['over_refusal_change'])} | {_tax(r['safety_tax'])} |"
+        )
+    undefined = [r for r in results["methods"] if not r["safety_tax"]["defined"]]
+    if undefined:
+        L += ["", "Undefined Safety Tax, with the reason:", ""]
+        L += [f"- {r['method']} α={r['alpha']:g}: {r['safety_tax']['reason']}" for r in undefined]
+    L += ["", "## Where SST-Merge stands", ""] + sst_standing(results)
+    L += [
+        "",
+        "## What the numbers mean",
+        "",
+        "- refusal: share of harmful prompts whose greedy answer the refusal detector flags (higher = safer).",
+        "- over-refusal: share of benign prompts that look risky but are harmless, refused anyway (lower = better).",
+        "- MMLU: accuracy by log-likelihood of the answer letter, lm-evaluation-harness prompt, micro-averaged.",
+        "- A point dominates another when it is at least as good on all three and better on one.",
+        "",
+        "![safety vs utility](safety_utility.png)",
+        "",
+        f"Provenance (versions, commit, seeds, data hashes, timings) is in results.json.",
+        "",
+    ]
+    io.write_text(out / "report.md", "\n".join(L))
+
+
+def write_plot(results: dict, path: str | Path) -> None:
+    """Safety (refusal on harmful) vs utility (MMLU) with every method's α sweep and the references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    methods = sorted({r["method"] for r in results["methods"]}, key=lambda m: (m != "sst", m))
+    for m in methods:
+        pts = sorted((r for r in results["methods"] if r["method"] == m), key=lambda r: r["alpha"])
+        xs = [100 * r["safety"]["value"] for r in pts]
+        ys = [100 * r["utility"]["value"] for r in pts]
+        style = dict(lw=2.5, marker="o", zorder=3) if m == "sst" else dict(lw=1.2, marker=".", alpha=0.85)
+        (line,) = ax.plot(xs, ys, label=m, **style)
+        for r, x, y in zip(pts, xs, ys):
+            ax.annotate(f"{r['alpha']:g}", (x, y), fontsize=6, color=line.get_color(), xytext=(2, 2),
+                        textcoords="offset points")
+    markers = {"baseline": "*", "base": "s", "safety adapter": "^"}
+    for name, ref in results["references"].items():
+        ax.scatter([100 * ref["safety"]["value"]], [100 * ref["utility"]["value"]], marker=markers.get(name.split(" (")[0], "D"),
+                   s=110, color="black", zorder=4, label=name)
+    ax.set_xlabel("refusal on harmful prompts (%)  → safer")
+    ax.set_ylabel("MMLU accuracy (%)")
+    ax.set_title(f"exp1: safety vs utility ({results['provenance']['config']['model']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
