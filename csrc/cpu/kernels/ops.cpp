@@ -1,0 +1,339 @@
+// The five CPU ops, compiled once per ISA (namespace sstm::SSTM_ISA). Math in csrc/cpu/ops.h and
+// python/sstmerge/ops/*.py; every op accumulates in fp32 whatever the input dtype.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/kernels/gemm.h"
+#include "cpu/ops.h"
+
+namespace sstm {
+namespace SSTM_ISA {
+
+namespace {
+
+// Active (mask != 0) tokens of each sample b of a [B, T, *] pair: their element offsets in x and g
+// and their mask weights, packed at [b * T, b * T + count[b]).
+struct TokenLists {
+  std::vector<int64_t> xo, go, tok, count;
+  std::vector<float> w;
+  TokenLists(const Tensor& x, const Tensor& g, const float* mask) {
+    const int64_t B = x.size[0], T = x.size[1];
+    xo.resize(size_t(B * T));
+    go.resize(size_t(B * T));
+    tok.resize(size_t(B * T));
+    w.resize(size_t(B * T));
+    count.assign(size_t(B), 0);
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t c = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const float m = mask ? mask[b * T + t] : 1.0f;
+        if (m == 0.0f) continue;  // a masked token costs nothing
+        xo[b * T + c] = b * x.stride[0] + t * x.stride[1];
+        go[b * T + c] = b * g.stride[0] + t * g.stride[1];
+        tok[b * T + c] = t;
+        w[b * T + c] = m;
+        ++c;
+      }
+      count[b] = c;
+    }
+  }
+};
+
+// Split `panels` panels into blocks of at most `maxp` panels, the block count a multiple of nt
+// where that costs little, so that nt threads get equal work.
+int64_t block_panels(int64_t panels, int64_t maxp, int nt) {
+  int64_t nblk = (panels + maxp - 1) / maxp;
+  if (nt > 1 && panels >= nt) nblk = (nblk + nt - 1) / nt * nt;
+  return (panels + nblk - 1) / nblk;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// diag_fisher_linear: out[O, I] += sum_b G_b * G_b, G_b = g_b^T diag(mask_b) x_b.
+// Compute-bound (2*B*T*O*I flops). Each thread owns [MC x NC] blocks of out (kept in L2 across all
+// samples) and, per sample, packs the g_b / x_b panels of that block and runs the micro-kernel over
+// the whole token range with the epilogue F += acc * acc: G_b's tile is squared while it is still in
+// registers, so no G_b ever exists in memory (extra memory: the packed panels, O(T * (MC + NC))).
+// With more than DF_KC active tokens, G_b's block is accumulated in an [MC x NC] scratch first.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t DF_KC = 384;
+constexpr int64_t DF_MCP = (MR >= 14) ? 16 : 32;
+constexpr int64_t DF_NCP = (NR >= 32) ? 16 : 32;
+
+void diag_fisher_linear(float* out, const Tensor& x, const Tensor& g, const float* mask,
+                        int nthreads) {
+  const int64_t B = x.size[0], T = x.size[1], I = x.size[2], O = g.size[2];
+  if (B == 0 || T == 0 || I == 0 || O == 0) return;
+  TokenLists tl(x, g, mask);
+  const int nt = std::max(1, nthreads);
+  const int64_t mcp = block_panels((O + MR - 1) / MR, DF_MCP, 1);
+  const int64_t ncp = block_panels((I + NR - 1) / NR, DF_NCP, nt);
+  const int64_t MC = mcp * MR, NC = ncp * NR;
+  const int64_t mb = (O + MC - 1) / MC, nb = (I + NC - 1) / NC, nblk = mb * nb;
+  const int64_t kmax = std::min<int64_t>(T, DF_KC);
+  const int64_t gs = g.stride[2], xs = x.stride[2];
+#pragma omp parallel num_threads(int(std::min<int64_t>(nt, nblk))) if (nt > 1 && nblk > 1)
+  {
+    Buf abuf(kmax * MC), bbuf(kmax * NC);
+    Buf gbuf(T > DF_KC ? MC * NC : 1);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const int64_t o0 = (blk / nb) * MC, i0 = (blk % nb) * NC;
+      const int64_t mc = std::min(MC, O - o0), nc = std::min(NC, I - i0);
+      const int64_t np = (mc + MR - 1) / MR, nq = (nc + NR - 1) / NR;
+      float* F = out + o0 * I + i0;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t K = tl.count[b];
+        if (K == 0) continue;
+        const bool single = K <= DF_KC;
+        for (int64_t k0 = 0; k0 < K; k0 += DF_KC) {
+          const int64_t kc = std::min(DF_KC, K - k0);
+          const size_t base = size_t(b * T + k0);
+          pack<MR>(abuf.p, g.ptr, g.dt, tl.go.data() + base, tl.w.data() + base, kc, gs, o0, mc);
+          pack<NR>(bbuf.p, x.ptr, x.dt, tl.xo.data() + base, nullptr, kc, xs, i0, nc);
+          for (int64_t q = 0; q < nq; ++q) {
+            const int nr = int(std::min<int64_t>(NR, nc - q * NR));
+            const float* bp = bbuf.p + q * kc * NR;
+            for (int64_t p = 0; p < np; ++p) {
+              const int mr = int(std::min<int64_t>(MR, mc - p * MR));
+              const float* ap = abuf.p + p * kc * MR;
+              if (single) {
+                micro<kSquareAdd>(kc, ap, bp, F + p * MR * I + q * NR, I, mr, nr);
+              } else if (k0 == 0) {
+                micro<kStore>(kc, ap, bp, gbuf.p + p * MR * NC + q * NR, NC, mr, nr);
+              } else {
+                micro<kAdd>(kc, ap, bp, gbuf.p + p * MR * NC + q * NR, NC, mr, nr);
+              }
+            }
+          }
+        }
+        if (!single) {
+          for (int64_t r = 0; r < mc; ++r)
+            for (int64_t c = 0; c < nc; ++c) {
+              const float v = gbuf.p[r * NC + c];
+              F[r * I + c] += v * v;
+            }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// subspace_grads: out[b] = sum_t mask[b,t] (q_out^T g_bt)(q_in^T x_bt)^T. Project first (two GEMMs
+// with K = I and K = O, compute-bound, 2*B*T*(I*m_i + O*m_o) flops), then the small per-sample
+// product over the active tokens. Memory: T * (m_i + m_o) fp32 per thread.
+// ---------------------------------------------------------------------------------------------
+void subspace_grads(float* out, const Tensor& x, const Tensor& g, const Tensor& q_in,
+                    const Tensor& q_out, const float* mask, int nthreads) {
+  const int64_t B = x.size[0], T = x.size[1], I = x.size[2], O = g.size[2];
+  const int64_t mi = q_in.size[1], mo = q_out.size[1];
+  if (B == 0 || mi == 0 || mo == 0) return;
+  std::fill(out, out + B * mo * mi, 0.0f);
+  if (T == 0) return;
+  TokenLists tl(x, g, mask);
+  std::vector<int64_t> xi(static_cast<size_t>(I)), qi(static_cast<size_t>(I)), go(static_cast<size_t>(O)), qo(static_cast<size_t>(O));
+  for (int64_t i = 0; i < I; ++i) xi[i] = i * x.stride[2], qi[i] = i * q_in.stride[0];
+  for (int64_t o = 0; o < O; ++o) go[o] = o * g.stride[2], qo[o] = o * q_out.stride[0];
+  const int nt = std::max(1, nthreads);
+  const bool per_thread = B >= nt;  // samples across threads, else threads inside each GEMM
+  auto one = [&](int64_t b, float* px, float* pg, int inner) {
+    const int64_t K = tl.count[b];
+    if (K == 0) return;
+    // px[t, :] = x[b, t, :] q_in  (all T tokens; masked ones get weight 0 below)
+    gemm_atb(T, mi, KRows{I, xi.data(), qi.data(), nullptr},
+             Operand{elem(x.ptr, x.dt, b * x.stride[0]), x.dt, x.stride[1]},
+             Operand{q_in.ptr, q_in.dt, q_in.stride[1]}, px, mi, false, false, inner);
+    gemm_atb(T, mo, KRows{O, go.data(), qo.data(), nullptr},
+             Operand{elem(g.ptr, g.dt, b * g.stride[0]), g.dt, g.stride[1]},
+             Operand{q_out.ptr, q_out.dt, q_out.stride[1]}, pg, mo, false, false, inner);
+    // out[b] = sum over active tokens of w_t pg[t]^T px[t]
+    std::vector<int64_t> ao(static_cast<size_t>(K)), bo(static_cast<size_t>(K));
+    for (int64_t c = 0; c < K; ++c) {
+      const int64_t t = tl.tok[b * T + c];
+      ao[c] = t * mo, bo[c] = t * mi;
+    }
+    gemm_atb(mo, mi, KRows{K, ao.data(), bo.data(), tl.w.data() + b * T},
+             Operand{pg, kFloat32, 1}, Operand{px, kFloat32, 1}, out + b * mo * mi, mi, false,
+             false, inner);
+  };
+  if (per_thread) {
+#pragma omp parallel num_threads(nt)
+    {
+      Buf px(T * mi), pg(T * mo);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < B; ++b) one(b, px.p, pg.p, 1);
+    }
+  } else {
+    Buf px(T * mi), pg(T * mo);
+    for (int64_t b = 0; b < B; ++b) one(b, px.p, pg.p, nt);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kfac_factor: out = sum_n mask_n y_n y_n^T (y = x, or q^T x). SYRK-like, compute-bound
+// (N*d^2 flops for the upper triangle, mirrored). With q, rows are projected in chunks of
+// KF_ROWS (memory KF_ROWS * m fp32), then accumulated.
+// kfac_sketch: out = sum_n mask_n x_n (x_n^T omega): per chunk Y = X omega, out += X^T diag(m) Y.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t KF_ROWS = 4096;
+
+namespace {
+struct RowList {
+  std::vector<int64_t> off, idx;
+  std::vector<float> w;
+};
+// The active rows in [n0, n1): offsets n * stride and their local indices n - n0.
+RowList active_rows(const float* mask, int64_t n0, int64_t n1, int64_t stride) {
+  RowList r;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float m = mask ? mask[n] : 1.0f;
+    if (m == 0.0f) continue;
+    r.off.push_back(n * stride);
+    r.idx.push_back(n - n0);
+    r.w.push_back(m);
+  }
+  return r;
+}
+}  // namespace
+
+void kfac_factor(float* out, const Tensor& x, const float* mask, const Tensor* q, int nthreads) {
+  const int64_t N = x.size[0], I = x.size[1];
+  const int nt = std::max(1, nthreads);
+  if (!q) {
+    RowList r = active_rows(mask, 0, N, x.stride[0]);
+    gemm_atb(I, I, KRows{int64_t(r.off.size()), r.off.data(), r.off.data(), r.w.data()},
+             Operand{x.ptr, x.dt, x.stride[1]}, Operand{x.ptr, x.dt, x.stride[1]}, out, I, false,
+             true, nt);
+    mirror_upper(out, I, I);
+    return;
+  }
+  const int64_t m = q->size[1];
+  std::fill(out, out + m * m, 0.0f);
+  if (m == 0 || N == 0) return;
+  std::vector<int64_t> xi(static_cast<size_t>(I)), qi(static_cast<size_t>(I));
+  for (int64_t i = 0; i < I; ++i) xi[i] = i * x.stride[1], qi[i] = i * q->stride[0];
+  const int64_t rows = std::min(N, KF_ROWS);
+  Buf p(rows * m);
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n1 = std::min(N, n0 + rows);
+    RowList r = active_rows(mask, n0, n1, m);
+    if (r.off.empty()) continue;
+    for (auto& o : r.off) o -= n0 * m;  // offsets into p
+    gemm_atb(n1 - n0, m, KRows{I, xi.data(), qi.data(), nullptr},
+             Operand{elem(x.ptr, x.dt, n0 * x.stride[0]), x.dt, x.stride[0]},
+             Operand{q->ptr, q->dt, q->stride[1]}, p.p, m, false, false, nt);
+    gemm_atb(m, m, KRows{int64_t(r.off.size()), r.off.data(), r.off.data(), r.w.data()},
+             Operand{p.p, kFloat32, 1}, Operand{p.p, kFloat32, 1}, out, m, true, true, nt);
+  }
+  mirror_upper(out, m, m);
+}
+
+void kfac_sketch(float* out, const Tensor& x, const Tensor& omega, const float* mask,
+                 int nthreads) {
+  const int64_t N = x.size[0], I = x.size[1], l = omega.size[1];
+  const int nt = std::max(1, nthreads);
+  std::fill(out, out + I * l, 0.0f);
+  if (N == 0 || I == 0 || l == 0) return;
+  std::vector<int64_t> xi(static_cast<size_t>(I)), oi(static_cast<size_t>(I));
+  for (int64_t i = 0; i < I; ++i) xi[i] = i * x.stride[1], oi[i] = i * omega.stride[0];
+  const int64_t rows = std::min(N, KF_ROWS);
+  Buf y(rows * l);
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n1 = std::min(N, n0 + rows);
+    RowList r = active_rows(mask, n0, n1, x.stride[0]);
+    if (r.off.empty()) continue;
+    std::vector<int64_t> yo(r.idx.size());
+    for (size_t c = 0; c < r.idx.size(); ++c) yo[c] = r.idx[c] * l;
+    gemm_atb(n1 - n0, l, KRows{I, xi.data(), oi.data(), nullptr},
+             Operand{elem(x.ptr, x.dt, n0 * x.stride[0]), x.dt, x.stride[0]},
+             Operand{omega.ptr, omega.dt, omega.stride[1]}, y.p, l, false, false, nt);
+    gemm_atb(I, l, KRows{int64_t(r.off.size()), r.off.data(), yo.data(), r.w.data()},
+             Operand{x.ptr, x.dt, x.stride[1]}, Operand{y.p, kFloat32, 1}, out, l, true, false,
+             nt);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// lora_merge: w[O, I] <- round(w + scale * (b @ a)). Memory-bound: one read and one write of w
+// (2*O*I*k flops ride along in registers). Per block of LM_RB rows and LM_CW columns: load w into
+// an L1 fp32 tile, add scale * (b_rows @ a_cols) computed in fp32 registers (a pre-converted once to
+// fp32 [k, I]), round once (numeric.h rounding, vectorised) and store. No [O, I] temporary.
+// ---------------------------------------------------------------------------------------------
+constexpr int LM_RB = 4;
+constexpr int64_t LM_CW = 512;
+constexpr int LM_CV = 4;  // vectors per register tile row
+
+void lora_merge(const Tensor& w, const Tensor& b, const Tensor& a, float scale, int nthreads) {
+  const int64_t O = w.size[0], I = w.size[1], k = b.size[1];
+  if (O == 0 || I == 0) return;
+  const int nt = std::max(1, nthreads);
+  Buf af(k * I), bf(O * k);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < k; ++r)
+      load_strided(af.p + r * I, elem(a.ptr, a.dt, r * a.stride[0]), a.dt, a.stride[1], I, 1.0f);
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < O; ++o)
+      load_strided(bf.p + o * k, elem(b.ptr, b.dt, o * b.stride[0]), b.dt, b.stride[1], k, 1.0f);
+    alignas(64) float tile[LM_RB][LM_CW];
+    void* wp = const_cast<void*>(w.ptr);
+    const int64_t nrb = (O + LM_RB - 1) / LM_RB;
+#pragma omp for schedule(static)
+    for (int64_t rb = 0; rb < nrb; ++rb) {
+      const int64_t r0 = rb * LM_RB, rr = std::min<int64_t>(LM_RB, O - r0);
+      const float* brow = bf.p + r0 * k;
+      for (int64_t c0 = 0; c0 < I; c0 += LM_CW) {
+        const int64_t cw = std::min(LM_CW, I - c0);
+        for (int64_t r = 0; r < rr; ++r)
+          load_strided(tile[r], elem(w.ptr, w.dt, (r0 + r) * w.stride[0] + c0 * w.stride[1]),
+                       w.dt, w.stride[1], cw, 1.0f);
+        int64_t c = 0;
+        if (rr == LM_RB) {
+          for (; c + LM_CV * VW <= cw; c += LM_CV * VW) {
+            vf acc[LM_RB][LM_CV];
+#pragma GCC unroll 4
+            for (int i = 0; i < LM_RB; ++i)
+#pragma GCC unroll 4
+              for (int j = 0; j < LM_CV; ++j) acc[i][j] = vf{};
+            const float* ap = af.p + c0 + c;
+            for (int64_t kk = 0; kk < k; ++kk) {
+              vf av[LM_CV];
+#pragma GCC unroll 4
+              for (int j = 0; j < LM_CV; ++j) av[j] = vload(ap + kk * I + j * VW);
+#pragma GCC unroll 4
+              for (int i = 0; i < LM_RB; ++i) {
+                const vf bi = vbcast(brow[i * k + kk]);
+#pragma GCC unroll 4
+                for (int j = 0; j < LM_CV; ++j) acc[i][j] += bi * av[j];
+              }
+            }
+            const vf sv = vbcast(scale);
+#pragma GCC unroll 4
+            for (int i = 0; i < LM_RB; ++i)
+#pragma GCC unroll 4
+              for (int j = 0; j < LM_CV; ++j) {
+                float* t = &tile[i][c + j * VW];
+                vstore(t, vload(t) + sv * acc[i][j]);
+              }
+          }
+        }
+        for (int64_t r = 0; r < rr; ++r)
+          for (int64_t cc = c; cc < cw; ++cc) {
+            float acc = 0.0f;
+            for (int64_t kk = 0; kk < k; ++kk) acc += brow[r * k + kk] * af.p[kk * I + c0 + cc];
+            tile[r][cc] += scale * acc;
+          }
+        for (int64_t r = 0; r < rr; ++r)
+          store_strided(elem(wp, w.dt, (r0 + r) * w.stride[0] + c0 * w.stride[1]), w.dt,
+                        w.stride[1], tile[r], cw);
+      }
+    }
+  }
+}
+
+}  // namespace SSTM_ISA
+}  // namespace sstm

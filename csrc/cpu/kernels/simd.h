@@ -1,0 +1,138 @@
+// Vector types and dtype conversion for one ISA variant (this header is included by the kernel
+// sources, which CMake compiles once per ISA with -mavx512* / -mavx2 / baseline flags).
+//
+// GCC vector extensions give one source for every width: VW floats per register, MR x NR the
+// register tile of the GEMM micro-kernel (MR broadcast rows x NV vectors of VW columns), chosen so
+// the MR*NV accumulators + NV B vectors + 1 broadcast fit the register file (32 zmm / 16 ymm /
+// 16 xmm).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "common/numeric.h"
+
+#if defined(SSTM_ISA_avx512) || defined(SSTM_ISA_avx2)
+#include <immintrin.h>
+#endif
+
+namespace sstm {
+namespace SSTM_ISA {
+
+#if defined(SSTM_ISA_avx512)
+constexpr int VW = 16;
+constexpr int MR = 14;
+constexpr int NV = 2;
+#elif defined(SSTM_ISA_avx2)
+constexpr int VW = 8;
+constexpr int MR = 6;
+constexpr int NV = 2;
+#else
+constexpr int VW = 4;
+constexpr int MR = 6;
+constexpr int NV = 2;
+#endif
+constexpr int NR = NV * VW;
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  // unaligned access
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+static inline vf vbcast(float s) { return vf{} + s; }
+
+// ---- dtype conversion of contiguous runs (vectorised; bit-identical to numeric.h's scalars) ----
+
+// dst[j] = w * src[j] for j < n, src contiguous of dtype DT.
+template <int DT>
+static inline void load_run(float* __restrict dst, const void* __restrict src, int64_t n, float w) {
+  if constexpr (DT == kFloat32) {
+    const float* s = static_cast<const float*>(src);
+    for (int64_t j = 0; j < n; ++j) dst[j] = w * s[j];
+  } else if constexpr (DT == kBFloat16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t j = 0; j < n; ++j) dst[j] = w * bits_f32(uint32_t(s[j]) << 16);
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    int64_t j = 0;
+#if defined(SSTM_ISA_avx512) || defined(SSTM_ISA_avx2)
+    const __m256 wv = _mm256_set1_ps(w);
+    for (; j + 8 <= n; j += 8) {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j));
+      _mm256_storeu_ps(dst + j, _mm256_mul_ps(wv, _mm256_cvtph_ps(h)));
+    }
+#endif
+    for (; j < n; ++j) dst[j] = w * f16_to_f32(s[j]);
+  }
+}
+
+// dst[j] = w * src[j * s] for j < n (any stride, any dtype).
+static inline void load_strided(float* __restrict dst, const void* src, int dt, int64_t s, int64_t n,
+                                float w) {
+  if (s == 1) {
+    if (dt == kFloat32) return load_run<kFloat32>(dst, src, n, w);
+    if (dt == kBFloat16) return load_run<kBFloat16>(dst, src, n, w);
+    return load_run<kFloat16>(dst, src, n, w);
+  }
+  if (dt == kFloat32) {
+    const float* p = static_cast<const float*>(src);
+    for (int64_t j = 0; j < n; ++j) dst[j] = w * p[j * s];
+  } else if (dt == kBFloat16) {
+    const uint16_t* p = static_cast<const uint16_t*>(src);
+    for (int64_t j = 0; j < n; ++j) dst[j] = w * bf16_to_f32(p[j * s]);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(src);
+    for (int64_t j = 0; j < n; ++j) dst[j] = w * f16_to_f32(p[j * s]);
+  }
+}
+
+static inline const void* elem(const void* base, int dt, int64_t off) {
+  return static_cast<const char*>(base) + off * (dt == kFloat32 ? 4 : 2);
+}
+static inline void* elem(void* base, int dt, int64_t off) {
+  return static_cast<char*>(base) + off * (dt == kFloat32 ? 4 : 2);
+}
+
+// Round n contiguous fp32 values into dst of dtype dt (element stride s), once, nearest even.
+static inline void store_strided(void* dst, int dt, int64_t s, const float* __restrict src,
+                                 int64_t n) {
+  if (dt == kFloat32) {
+    float* d = static_cast<float*>(dst);
+    if (s == 1) {
+      memcpy(d, src, size_t(n) * 4);
+    } else {
+      for (int64_t j = 0; j < n; ++j) d[j * s] = src[j];
+    }
+    return;
+  }
+  uint16_t* d = static_cast<uint16_t*>(dst);
+  if (dt == kBFloat16) {
+    if (s == 1) {
+      // numeric.h's f32_to_bf16, written branch-free so that it vectorises.
+      for (int64_t j = 0; j < n; ++j) {
+        uint32_t u = f32_bits(src[j]);
+        uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        uint32_t q = (u >> 16) | 0x40u;
+        d[j] = uint16_t(((u & 0x7fffffffu) > 0x7f800000u) ? q : r);
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) d[j * s] = f32_to_bf16(src[j]);
+    }
+    return;
+  }
+  int64_t j = 0;
+#if defined(SSTM_ISA_avx512) || defined(SSTM_ISA_avx2)
+  if (s == 1) {
+    // F16C conversion is IEEE round-to-nearest-even (subnormals, overflow to inf), as numeric.h.
+    for (; j + 8 <= n; j += 8) {
+      __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j), h);
+    }
+  }
+#endif
+  for (; j < n; ++j) d[j * s] = f32_to_f16(src[j]);
+}
+
+}  // namespace SSTM_ISA
+}  // namespace sstm
