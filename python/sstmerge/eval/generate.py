@@ -1,0 +1,169 @@
+"""Batched greedy generation for transformers causal LMs, with or without peft adapters.
+
+Each prompt becomes one user turn rendered with the tokenizer's chat template
+(``add_generation_prompt=True``) and tokenized without adding special tokens again (the template
+already holds them). Prompts are sorted by token length (longest first) and cut into batches; each
+batch is left-padded, with an attention mask and explicit position ids (``cumsum(mask) - 1``), so a
+padded row sees exactly what it would see alone. Decoding is greedy (``argmax``; ties go to the
+lowest token id) with a KV cache, stops per row at any of the tokenizer's / model's end-of-sequence
+ids, and stops for the batch when every row has ended or ``max_new_tokens`` is reached.
+
+The loop is written here rather than delegated to ``model.generate`` so that nothing from a model's
+``generation_config`` (sampling flags, repetition penalties, forced tokens) can change the decoding:
+the result is a pure function of the model, the tokenizer and the prompts. In fp32 the batch size
+does not change the outputs (tested: batch size 1 vs 16); in bf16 the usual floating-point
+differences between batch shapes can flip a near-tie.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+from sstmerge.errors import InputError
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the tokenizer's eos plus the model's generation_config eos (may be a list)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    if not ids:
+        raise InputError("the tokenizer and the model define no eos token; generation could not stop")
+    return ids
+
+
+def pad_token_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)  # any id works: padded positions are masked out
+    return 0
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """The text the model sees for a single user turn, ending with the assistant's turn opening."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("the tokenizer has no chat_template; refusal evaluation needs a chat (instruct) model")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def encode_chat(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    return [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _cache_kwarg(model) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
+@torch.inference_mode()
+def greedy_batch(model, input_ids: list[list[int]], *, max_new_tokens: int, eos_ids: set[int], pad_id: int) -> list[list[int]]:
+    """Greedy continuation token ids (without the eos) for one batch of token-id prompts."""
+    device = model_device(model)
+    ids, mask = left_pad(input_ids, pad_id, device)
+    pos = positions(mask)
+    n = ids.shape[0]
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache_kw = _cache_kwarg(model)
+    past = _cache_of(out)
+    result: list[list[int]] = [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1, :].float().argmax(dim=-1)
+        done = done | torch.isin(nxt, eos)
+        for i, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):
+            if not d:
+                result[i].append(t)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: past})
+        past = _cache_of(out)
+    return result
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices sorted by length (longest first, ties by index) cut into batches of at most
+    ``batch_size`` rows and, when given, at most ``max_batch_tokens`` padded tokens."""
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]  # longest first: the first row sets the width
+        if cur and (len(cur) >= batch_size or (max_batch_tokens and width * (len(cur) + 1) > max_batch_tokens)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 16,
+             progress: bool = False) -> list[str]:
+    """Greedy chat completions of ``prompts`` (one user turn each), in the input order."""
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    encoded = encode_chat(tokenizer, prompts)
+    eos = eos_token_ids(model, tokenizer)
+    pad = pad_token_id(tokenizer)
+    outputs: list[str | None] = [None] * len(prompts)
+    batches = length_sorted_batches([len(e) for e in encoded], batch_size)
+    it = batches
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+        it = tqdm(batches, desc="generate", unit="batch")
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in it:
+            toks = greedy_batch(model, [encoded[i] for i in batch], max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
+            for i, t in zip(batch, toks):
+                outputs[i] = tokenizer.decode(t, skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return outputs  # type: ignore[return-value]
