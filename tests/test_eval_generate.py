@@ -2,9 +2,11 @@
 
 import torch
 
-from conftest_eval import FIXTURES, tiny_model
+from conftest_eval import FIXTURES, one_thread, tiny_model
 from sstmerge.eval import generate, load_items
 from sstmerge.eval.generate import chat_prompt, length_sorted_batches
+
+_one_thread = one_thread()
 
 
 def _prompts():
