@@ -1,0 +1,158 @@
+"""sstmerge.merge: SST-Merge and the baselines, LoRA-native and fused.
+
+    merge(method, base, utility, safety, *, alpha, fisher=None, out=None, dense=False, **options)
+        -> MergeResult
+
+Every method yields per-layer merged factors ``dM = scale * B @ A``; both outputs come from them:
+``out/`` is a peft LoRA adapter (``PeftModel.from_pretrained(base_model, out)`` loads it; ranks may
+differ per layer) plus ``diagnostics.json`` and ``merge.json``; with ``dense=True`` also
+``out/fused/``, the base model with the merged update fused into its weights by ``lora_merge_``.
+The output directory is written atomically: a failing run leaves none behind. See docs/merge.md
+for each method's math and the meaning of alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Mapping
+
+from .. import adapters as ad
+from ..errors import InputError
+from . import dare, fisher_avg, regmean, safe_lora, safemerge, sst, task_arithmetic, ties
+from .core import Context, LayerFactors, Method, check_finite
+from .fisher_inputs import FisherInputs, as_inputs, fisher_inputs, needs
+
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (
+    sst, task_arithmetic, ties, dare, safe_lora, safemerge, fisher_avg, regmean)}
+
+#: α sweeps used by exp1 (α = 0 is the utility model itself for every method).
+DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0)
+QUICK_ALPHAS = (0.5, 1.0, 2.0)
+
+__all__ = ["METHODS", "DEFAULT_ALPHAS", "QUICK_ALPHAS", "MergeResult", "LayerFactors", "FisherInputs", "merge",
+           "default_options", "fisher_inputs", "needs"]
+
+
+def default_options(method: str) -> dict:
+    if method not in METHODS:
+        raise InputError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
+    return dict(METHODS[method].defaults)
+
+
+@dataclasses.dataclass
+class MergeResult:
+    method: str
+    alpha: float
+    options: dict
+    base: str
+    layers: dict[str, LayerFactors]
+    diagnostics: dict
+    out: Path | None = None
+
+    def delta(self, layer: str):
+        return self.layers[layer].delta()
+
+    def save_adapter(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        ad.save_adapter(path, {n: (f.B, f.A, f.scale) for n, f in self.layers.items()}, base_model=self.base)
+
+
+def _as_adapter(x, what: str) -> ad.LoraAdapter:
+    if isinstance(x, ad.LoraAdapter):
+        return x
+    return ad.load_adapter(x, what=what)
+
+
+def _jsonable(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return repr(v)
+
+
+def merge(method: str, base, utility, safety, *, alpha: float, fisher=None, out=None, dense: bool = False,
+          seed: int = 0, backend: str = "auto", progress: bool = False, safety_rows=None, utility_rows=None,
+          **options) -> MergeResult:
+    """Merge the safety adapter into the utility adapter with ``method`` at strength ``alpha``.
+
+    base: the base model (a directory, or a name in the local HF cache). utility / safety: adapter
+    directories (or loaded :class:`sstmerge.adapters.LoraAdapter`). fisher: a
+    :class:`FisherInputs`, a ``--fisher`` directory, or ``{role: FisherResult}``; when the method
+    needs Fisher statistics and none are given, ``safety_rows``/``utility_rows`` (chat rows) are used
+    to estimate them. options: the method's options (see ``default_options(method)``).
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise InputError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
+    spec = METHODS[method]
+    unknown = sorted(set(options) - set(spec.defaults))
+    if unknown:
+        raise InputError(f"{method}: unknown option(s) {', '.join(unknown)}; it takes {', '.join(spec.defaults) or 'none'}")
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise InputError(f"alpha must be a number, got {alpha!r}") from None
+    if not (alpha >= 0 and alpha < float("inf")):
+        raise InputError(f"alpha must be a finite number >= 0, got {alpha}")
+    opts = {**spec.defaults, **options}
+
+    from .writers import ModelFiles, resolve_model_dir
+
+    U = _as_adapter(utility, "utility adapter")
+    S = _as_adapter(safety, "safety adapter")
+    ad.check_pair(U, S, equal_ranks=spec.equal_ranks)
+    base_dir = resolve_model_dir(str(base))
+    files = ModelFiles(base_dir)
+    shapes = files.linear_shapes()
+    ad.check_against_base(U, shapes, str(base), "utility adapter")
+    ad.check_against_base(S, shapes, str(base), "safety adapter")
+    for a, what in ((U, "utility"), (S, "safety")):
+        if a.base_model and Path(a.base_model).is_dir() and Path(a.base_model).resolve() != base_dir.resolve() \
+                and Path(a.base_model).name != base_dir.name:
+            raise InputError(f"the {what} adapter was trained on {a.base_model}, not on {base_dir}; merge onto its own base model")
+
+    fi = as_inputs(fisher)
+    required = spec.fisher(opts)
+    if required and fi is None:
+        if safety_rows is None or utility_rows is None:
+            raise InputError(f"{method} needs Fisher statistics ({', '.join(f'{r}.{k}' for r, k in required)}): "
+                             "pass --fisher DIR or --safety-data and --utility-data")
+        if not (isinstance(utility, (str, Path)) and isinstance(safety, (str, Path))):
+            raise InputError("estimating the Fisher needs the adapters as directories")
+        fi = fisher_inputs([method], str(base_dir), utility, safety, safety_rows=safety_rows, utility_rows=utility_rows,
+                           backend=backend, seed=seed, progress=progress, options={method: opts})
+
+    ctx = Context(base=str(base_dir), utility=U, safety=S, fisher=fi, seed=seed, progress=progress)
+    layers, diagnostics = spec.run(ctx, alpha, **opts)
+    if set(layers) != set(U.layers):
+        raise RuntimeError(f"{method} returned {len(layers)} layers for {len(U.layers)} adapter layers")
+    for name, f in layers.items():
+        check_finite(name, f, method)
+    result = MergeResult(method, alpha, opts, str(base_dir), layers, diagnostics)
+    if out is not None:
+        from ..io import atomic_dir
+        from .writers import write_fused, write_json
+
+        with atomic_dir(out) as tmp:
+            result.save_adapter(tmp)
+            info = {"method": method, "alpha": alpha, "options": _jsonable(opts), "seed": seed,
+                    "base": str(base_dir), "utility": U.describe(), "safety": S.describe(),
+                    "fisher_key": getattr(fi, "key", None), "ranks": {n: f.rank for n, f in layers.items()},
+                    "python": platform.python_version()}
+            write_json(tmp / "diagnostics.json", _jsonable({"method": method, "alpha": alpha, **diagnostics}))
+            if dense:
+                info["fused"] = write_fused(files, tmp / "fused", layers, backend=backend, progress=progress)
+            info["seconds"] = round(time.perf_counter() - t0, 3)
+            write_json(tmp / "merge.json", info)
+        result.out = Path(out)
+    return result

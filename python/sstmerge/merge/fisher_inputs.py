@@ -1,0 +1,320 @@
+"""The Fisher statistics the merge methods need: computing them, loading them, and reading one
+layer's block in the basis a method works in.
+
+Roles: ``utility`` is taken on the utility data at base + utility adapter, ``safety`` on the safety
+data at base + safety adapter (each adapter's own data and model, as in DESIGN.md §7).
+
+Kinds (see :mod:`sstmerge.fisher`):
+  * ``diag``      diagonal Fisher of each target layer's base weight [O, I] (target="linear"):
+                  the Fisher of the *effective* weight, because the gradient at the base Linear's
+                  output equals the gradient at the module output.
+  * ``subspace``  exact Fisher of ``S = q_out^T W q_in`` (row-major vec) in the joint subspace.
+  * ``kfac``      Kronecker factors ``A = sum x x^T`` and ``G = sum g g^T`` projected into the joint
+                  subspace: ``A' = q_in^T A q_in``, ``G' = q_out^T G q_out``.
+
+On disk (``--fisher DIR``) the statistics are ``DIR/{role}.{kind}.safetensors`` files written by
+:meth:`sstmerge.fisher.FisherResult.save`. A Fisher computed for another model or other adapters is
+detected by shape (diag) or by its stored subspace not spanning the adapters' joint subspace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+
+ROLES = ("utility", "safety")
+KINDS = ("diag", "subspace", "kfac")
+_PEFT = "base_model.model."
+#: A stored subspace basis Q_f matches ours (Q) when ||Q - Q_f Q_f^T Q||_max <= SPAN_TOL.
+SPAN_TOL = 1e-3
+
+
+@dataclasses.dataclass
+class FisherInputs:
+    """Fisher results keyed by (role, kind), with a key that identifies how they were made."""
+
+    results: dict[tuple[str, str], object]
+    key: str = ""
+
+    def get(self, role: str, kind: str, method: str):
+        fr = self.results.get((role, kind))
+        if fr is None:
+            have = ", ".join(f"{r}.{k}" for r, k in sorted(self.results)) or "none"
+            raise InputError(f"{method} needs the {kind} Fisher of the {role} objective but the given Fisher holds {have}; "
+                             f"compute it (--safety-data/--utility-data) or pass a --fisher DIR with {role}.{kind}.safetensors")
+        return fr
+
+
+def _kind_of(fr) -> str:
+    kind = getattr(fr, "kind", None)
+    if kind is None and isinstance(fr, Mapping):
+        kind = fr.get("kind")
+    if kind not in KINDS:
+        raise InputError(f"a Fisher result has unknown kind {kind!r}; expected one of {KINDS}")
+    return kind
+
+
+def tensors_of(fr) -> Mapping[str, Tensor]:
+    t = getattr(fr, "tensors", None)
+    if t is None and isinstance(fr, Mapping):
+        t = fr.get("tensors")
+    if not isinstance(t, Mapping):
+        raise InputError("a Fisher result has no tensors")
+    return t
+
+
+def as_inputs(fisher) -> FisherInputs | None:
+    """Accept FisherInputs, a directory, or ``{role: result}`` / ``{(role, kind): result}``."""
+    if fisher is None or isinstance(fisher, FisherInputs):
+        return fisher
+    if isinstance(fisher, (str, Path)):
+        return load_dir(fisher)
+    if isinstance(fisher, Mapping):
+        out = {}
+        for k, fr in fisher.items():
+            role = k[0] if isinstance(k, tuple) else k
+            if role not in ROLES:
+                raise InputError(f"Fisher role must be one of {ROLES}, got {role!r}")
+            out[(role, _kind_of(fr))] = fr
+        return FisherInputs(out, key=_results_key(out))
+    raise InputError(f"fisher must be a directory, a FisherInputs or a dict of Fisher results, got {type(fisher).__name__}")
+
+
+def _results_key(results: Mapping) -> str:
+    h = hashlib.sha256()
+    for (role, kind) in sorted(results):
+        h.update(f"{role}.{kind}".encode())
+        meta = getattr(results[(role, kind)], "meta", None) or {}
+        h.update(meta.get("sstmerge.merge.key", "").encode())
+        for name, t in sorted(tensors_of(results[(role, kind)]).items()):
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(repr(float(t.double().sum())).encode())
+    return h.hexdigest()[:16]
+
+
+def load_dir(path: str | Path) -> FisherInputs:
+    from ..fisher.result import FisherResult
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"--fisher {path} is not a directory; it must hold {{utility,safety}}.{{diag,subspace,kfac}}.safetensors")
+    results = {}
+    for role in ROLES:
+        for kind in KINDS:
+            f = path / f"{role}.{kind}.safetensors"
+            if f.exists():
+                fr = FisherResult.load(f)
+                if fr.kind != kind:
+                    raise InputError(f"{f} holds a {fr.kind} Fisher, not {kind}; rename or recompute it")
+                results[(role, kind)] = fr
+    if not results:
+        raise InputError(f"--fisher {path} holds no {{utility,safety}}.{{diag,subspace,kfac}}.safetensors file")
+    return FisherInputs(results, key=_results_key(results))
+
+
+# ------------------------------------------------------------------------- one layer's block
+
+def _finite(t: Tensor, what: str) -> Tensor:
+    if not torch.isfinite(t).all():
+        raise InputError(f"{what} holds NaN or Inf values; recompute the Fisher (check the data and the model)")
+    return t
+
+
+def _lookup(tensors: Mapping[str, Tensor], candidates: Iterable[str], what: str, hint: str) -> Tensor:
+    for c in candidates:
+        if c in tensors:
+            return tensors[c]
+    raise InputError(f"the {what} has no entry for {hint}; it was computed for another model or other target modules")
+
+
+def diag_linear(fr, layer: str, shape: tuple[int, int], what: str) -> Tensor:
+    """Diagonal Fisher [O, I] (fp64) of the layer's base weight."""
+    t = tensors_of(fr)
+    names = [f"{layer}.weight", f"{layer}.base_layer.weight", f"{_PEFT}{layer}.base_layer.weight", f"{_PEFT}{layer}.weight"]
+    F = _lookup(t, names, what, f"layer {layer} (a diag Fisher with target='linear' is needed)")
+    if tuple(F.shape) != tuple(shape):
+        raise InputError(f"the {what} of layer {layer} has shape {tuple(F.shape)}, the layer is {tuple(shape)}; "
+                         "it was computed for another model")
+    F = _finite(F.double(), f"the {what} of layer {layer}")
+    if (F < 0).any():
+        raise InputError(f"the {what} of layer {layer} has negative entries; a diagonal Fisher is a sum of squares")
+    return F
+
+
+def _rotation(Q: Tensor, Qf: Tensor | None, layer: str, side: str, what: str) -> Tensor | None:
+    """R = Qf^T Q when span(Qf) == span(Q) (so Q = Qf R); None when Qf is absent."""
+    if Qf is None:
+        return None
+    Q, Qf = Q.double(), Qf.double()
+    if Qf.shape != Q.shape:
+        raise InputError(f"the {what} of layer {layer} was computed in a {side} subspace of shape {tuple(Qf.shape)}, "
+                         f"but the adapters' joint subspace is {tuple(Q.shape)}; it belongs to other adapters or another model")
+    R = Qf.T @ Q
+    err = float((Q - Qf @ R).abs().max()) if Q.numel() else 0.0
+    if err > SPAN_TOL:
+        raise InputError(f"the {what} of layer {layer} was computed in another {side} subspace (mismatch {err:.2g}); "
+                         "it belongs to other adapters or another model: recompute it")
+    return R
+
+
+def subspace_block(fr, layer: str, q_in: Tensor, q_out: Tensor, what: str) -> Tensor:
+    """Exact Fisher [n, n] (n = m_o m_i, row-major vec of S = q_out^T W q_in) in *our* basis.
+
+    If the file's basis differs by rotations R_in, R_out (same spans), then
+    ``S_ours = R_out^T S_f R_in`` and ``F_ours = K F_f K^T`` with ``K = kron(R_out^T, R_in^T)``."""
+    t = tensors_of(fr)
+    F = _lookup(t, [f"{layer}.fisher"], what, f"layer {layer} (a subspace Fisher is needed)")
+    qi = t.get(f"{layer}.q_in")
+    qo = t.get(f"{layer}.q_out")
+    if qi is None or qo is None:
+        raise InputError(f"the {what} of layer {layer} lacks its q_in/q_out bases; recompute it with sstmerge.fisher")
+    R_in = _rotation(q_in, qi, layer, "input", what)
+    R_out = _rotation(q_out, qo, layer, "output", what)
+    n = q_in.shape[1] * q_out.shape[1]
+    if tuple(F.shape) != (n, n):
+        raise InputError(f"the {what} of layer {layer} is {tuple(F.shape)}, expected {(n, n)}")
+    F = _finite(F.double(), f"the {what} of layer {layer}")
+    K = torch.kron(R_out.T, R_in.T)
+    F = K @ F @ K.T
+    return 0.5 * (F + F.T)
+
+
+def kfac_block(fr, layer: str, q_in: Tensor, q_out: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """Kronecker factors (A [m_i, m_i], G [m_o, m_o]) in our basis (projected if stored full)."""
+    t = tensors_of(fr)
+    A = _finite(_lookup(t, [f"{layer}.A"], what, f"layer {layer} (a kfac Fisher is needed)").double(), f"the {what} of layer {layer}")
+    G = _finite(_lookup(t, [f"{layer}.G"], what, f"layer {layer} (a kfac Fisher is needed)").double(), f"the {what} of layer {layer}")
+    out = []
+    for F, Q, key, side in ((A, q_in, "q_in", "input"), (G, q_out, "q_out", "output")):
+        Qf = t.get(f"{layer}.{key}")
+        if Qf is None:
+            if tuple(F.shape) != (Q.shape[0], Q.shape[0]):
+                raise InputError(f"the {what} of layer {layer} has a {side} factor {tuple(F.shape)}, but the layer's {side} "
+                                 f"dimension is {Q.shape[0]}; it was computed for another model")
+            Qd = Q.double()
+            F = Qd.T @ F @ Qd
+        else:
+            R = _rotation(Q, Qf, layer, side, what)
+            if tuple(F.shape) != (Q.shape[1], Q.shape[1]):
+                raise InputError(f"the {what} of layer {layer} has a {side} factor {tuple(F.shape)}, expected {(Q.shape[1],) * 2}")
+            F = R.T @ F @ R
+        out.append(0.5 * (F + F.T))
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------- computing
+
+def needs(methods: Iterable[str], options: Mapping[str, Mapping] | None = None) -> list[tuple[str, str]]:
+    """The (role, kind) pairs that the given methods need with their (default or given) options."""
+    from . import METHODS
+
+    out: set[tuple[str, str]] = set()
+    for m in methods:
+        if m not in METHODS:
+            raise InputError(f"unknown merge method {m!r}; choose from {', '.join(METHODS)}")
+        spec = METHODS[m]
+        opts = {**spec.defaults, **((options or {}).get(m) or {})}
+        out.update(spec.fisher(opts))
+    return sorted(out)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()) if Path(path).is_dir() else [Path(path)]:
+        if f.is_file() and f.suffix in (".json", ".safetensors"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _rows_hash(rows) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_rows, utility_rows,
+            cache_dir: str | Path | None = None, backend: str = "auto", seed: int = 0, progress: bool = False,
+            batch_size: int = 8, fisher: str = "empirical") -> FisherInputs:
+    """Estimate the Fisher results ``pairs`` with :func:`sstmerge.fisher.estimate`.
+
+    ``utility``/``safety`` are adapter directories. ``subspace``/``kfac`` are taken in the joint
+    subspace of the two adapters (:func:`sstmerge.adapters.joint_subspace`). Results are cached in
+    ``cache_dir`` as ``{role}.{kind}.safetensors`` with a key over base, adapters, rows and options."""
+    from .. import adapters as ad
+    from ..fisher.result import FisherResult
+
+    U = ad.load_adapter(utility, what="utility adapter")
+    S = ad.load_adapter(safety, what="safety adapter")
+    ad.check_pair(U, S)
+    if not safety_rows or not utility_rows:
+        raise InputError("Fisher estimation needs safety and utility data rows (--safety-data / --utility-data)")
+    subspaces = None
+    adapters = {"utility": utility, "safety": safety}
+    rows = {"utility": utility_rows, "safety": safety_rows}
+    results = {}
+    base_key = _file_hash(Path(base)) if Path(base).is_dir() else str(base)
+    for role, kind in pairs:
+        key = hashlib.sha256(json.dumps({
+            "base": base_key, "utility": _file_hash(Path(utility)), "safety": _file_hash(Path(safety)),
+            "role": role, "kind": kind, "rows": _rows_hash(rows[role]), "fisher": fisher, "batch_size": batch_size,
+            "seed": seed}, sort_keys=True).encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"{role}.{kind}.safetensors" if cache_dir is not None else None
+        if path is not None and path.exists():
+            try:
+                fr = FisherResult.load(path)
+                if fr.meta.get("sstmerge.merge.key") == key:
+                    results[(role, kind)] = fr
+                    continue
+            except InputError:
+                pass  # a corrupt or stale cache entry is recomputed
+        if kind in ("subspace", "kfac") and subspaces is None:
+            subspaces = ad.joint_subspace(U, S)
+        fr = _estimate(base, adapters[role], rows[role], kind, subspaces, backend=backend, seed=seed,
+                       progress=progress, batch_size=batch_size, fisher=fisher, desc=f"fisher {role}.{kind}")
+        fr.meta = {**dict(fr.meta), "sstmerge.merge.key": key}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fr.save(path)
+        results[(role, kind)] = fr
+    return FisherInputs(results, key=_results_key(results))
+
+
+def _estimate(base, adapter_dir, rows, kind, subspaces, *, backend, seed, progress, batch_size, fisher, desc):
+    from peft import PeftModel
+
+    from ..data.batches import chat_batches
+    from ..fisher import estimate
+    from ..models import load_model
+
+    model, tok = load_model(base)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    batches = chat_batches(tok, rows, batch_size)
+    kw = dict(kind=kind, target="linear" if kind == "diag" else "lora", fisher=fisher)
+    if kind in ("subspace", "kfac"):
+        kw["subspaces"] = subspaces
+    params = inspect.signature(estimate).parameters
+    for name, value in (("backend", backend), ("seed", seed), ("progress", progress), ("desc", desc)):
+        if name in params:
+            kw[name] = value
+    return estimate(model, batches, **kw)
+
+
+def fisher_inputs(methods: Iterable[str], base: str, utility, safety, *, safety_rows, utility_rows,
+                  cache_dir=None, backend: str = "auto", seed: int = 0, progress: bool = False,
+                  options: Mapping[str, Mapping] | None = None, **kw) -> FisherInputs | None:
+    """Compute (or load from ``cache_dir``) every Fisher result that ``methods`` need; None if none do."""
+    pairs = needs(methods, options)
+    if not pairs:
+        return None
+    return compute(base, utility, safety, pairs, safety_rows=safety_rows, utility_rows=utility_rows,
+                   cache_dir=cache_dir, backend=backend, seed=seed, progress=progress, **kw)

@@ -1,0 +1,219 @@
+"""SST-Merge: Fisher-guided merge of the safety update into the utility update, inside the joint
+LoRA subspace (DESIGN.md §5; the rule and defaults are documented and justified in docs/merge.md).
+
+Per target layer:
+
+1. Joint subspace ``(Q_in, Q_out) = (orth[A_U^T, A_S^T], orth[B_U, B_S])`` (rank-revealing); both
+   updates live in it exactly: ``M_X = Q_out^T dX Q_in`` [m_o, m_i], ``dX = Q_out M_X Q_in^T``.
+   A direction is ``c = vec(M)`` (row-major, n = m_o m_i entries).
+2. Fisher of each objective in the subspace (``curvature``):
+   * ``"exact"``: F_X [n, n] from a ``subspace`` Fisher;
+   * ``"kfac"``:  F_X ≈ G_X ⊗ A_X (projected Kronecker factors of a ``kfac`` Fisher);
+   * ``"input"``: F_X ≈ I ⊗ A_X (the input-side factor only: activation statistics).
+   The utility side is damped: ``F_U + gamma_abs I`` (exact) or ``(G_U + g_G I) ⊗ (A_U + g_A I)``
+   (kfac / input; no G damping for input), with each ``gamma_abs = gamma * tr(F)/dim`` of the utility
+   factor (of the safety one if the utility's is zero; both zero is an error).
+3. Generalized eigenbasis V of the pencil (F_S, F_U'): ``V^T F_U' V = I``, ``V^T F_S V = diag(λ)``.
+   λ_j is how much more the safety objective depends on direction j than the utility objective.
+   For Kronecker curvature V = V_G ⊗ V_A and λ_{jk} = λ_G,j λ_A,k (pencils of the small factors).
+   Coordinates: ``y_X = V^-1 c_X = V^T F_U' c_X``.
+4. Rule (``rule``), per direction, with safety weight w_j ∈ [0, 1] and ``y_j = (1-w_j) y_U,j + w_j y_S,j``:
+   * ``"soft"``: ``w = αλ / (1 + αλ)`` — the exact minimiser of
+     ``(c - c_U)^T F_U' (c - c_U) + α (c - c_S)^T F_S (c - c_S)`` (the conflict resolved by the
+     Fisher ratio everywhere);
+   * ``"hard"``: ``w = 1`` where safety dominates (``αλ >= threshold``), ``w = 0`` where utility
+     dominates (``αλ <= 1/threshold``), the soft weight in between (contested directions);
+   * ``"topk"``: ``w = min(α, 1)`` on the ``topk`` directions of largest λ, 0 elsewhere.
+   α is the weight of the safety objective; α = 0 gives w = 0 everywhere, i.e. dU (to round-off).
+5. ``M* = V y``; the merged update ``Q_out M* Q_in^T`` is written exactly as factors of rank
+   ``rank(M*) <= m_i`` (``rank=k`` truncates M* by SVD and reports the residual).
+
+Diagnostics per layer: subspace dims, the λ spectrum, how many directions each side dominates,
+conflicts (directions where both updates have a component: |y_U,j| and |y_S,j| above ``1e-6`` of
+their largest) and how each was resolved (safety / utility / ratio, mean safety weight), kept rank,
+and the Fisher mass kept: ``1 - ||y - y_S||²_F_S / ||y_S||²_F_S`` for safety and
+``1 - ||y - y_U||²_F_U' / ||y_U||²_F_U'`` for utility (1 = the update kept whole under its own
+objective's metric). Any failure in any layer raises; there is no fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import joint_layer
+from ..errors import InputError
+from .core import Context, Method, factor_small, in_subspace
+from .fisher_inputs import kfac_block, subspace_block
+
+RULES = ("soft", "hard", "topk")
+CURVATURES = ("exact", "kfac", "input")
+DEFAULTS = {"rule": "hard", "curvature": "kfac", "gamma": 1e-4, "threshold": 4.0, "topk": None, "rank": None}
+#: Components below this fraction of an update's largest eigen-coordinate count as absent.
+PRESENT_RTOL = 1e-6
+SPECTRUM_LEN = 32
+
+
+def _fisher(opts):
+    kind = "subspace" if opts.get("curvature", DEFAULTS["curvature"]) == "exact" else "kfac"
+    return [("utility", kind), ("safety", kind)]
+
+
+def _damping(FU: torch.Tensor, FS: torch.Tensor, gamma: float, name: str, what: str) -> float:
+    d = FU.shape[0]
+    if d == 0:
+        return 0.0
+    ref = float(torch.trace(FU)) / d
+    if not ref > 0:
+        ref = float(torch.trace(FS)) / d
+    if not ref > 0:
+        raise InputError(f"sst: the {what} Fisher of both objectives is zero in layer {name}; no gradient reached it "
+                         "(check the Fisher data); SST-Merge stops here")
+    return gamma * ref
+
+
+def gen_eig(FS: torch.Tensor, FUd: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ ascending, V) with ``V^T FUd V = I``, ``V^T FS V = diag(λ)``, λ >= 0 (round-off clamped)."""
+    try:
+        L = torch.linalg.cholesky(FUd)
+    except RuntimeError as e:
+        raise InputError(f"sst: the damped utility Fisher of layer {name} is not positive definite ({e}); raise gamma") from None
+    Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
+    C = Linv @ FS @ Linv.T
+    lam, W = torch.linalg.eigh(0.5 * (C + C.T))
+    if lam.numel() and float(lam.min()) < -1e-8 * max(float(lam.abs().max()), 1e-300):
+        raise InputError(f"sst: the safety Fisher of layer {name} is not positive semi-definite (eigenvalue {float(lam.min()):.3g})")
+    return lam.clamp_min(0.0), Linv.T @ W
+
+
+def weights(lam: torch.Tensor, alpha: float, rule: str, threshold: float, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Safety weight per direction and its branch code (0 utility, 1 safety, 2 ratio)."""
+    al = alpha * lam
+    soft = al / (1.0 + al)
+    if rule == "soft":
+        branch = torch.full_like(lam, 2, dtype=torch.int64)
+        return soft, branch
+    if rule == "hard":
+        w = soft.clone()
+        branch = torch.full_like(lam, 2, dtype=torch.int64)
+        hi, lo = al >= threshold, al <= 1.0 / threshold
+        w[hi], w[lo] = 1.0, 0.0
+        branch[hi], branch[lo] = 1, 0
+        return w, branch
+    flat = lam.flatten()
+    k = min(int(topk), flat.numel())
+    w = torch.zeros_like(flat)
+    branch = torch.zeros_like(flat, dtype=torch.int64)
+    if k > 0 and alpha > 0:
+        idx = torch.argsort(flat, descending=True)[:k]
+        w[idx] = min(alpha, 1.0)
+        branch[idx] = 1
+    return w.reshape(lam.shape), branch.reshape(lam.shape)
+
+
+def _layer(ctx: Context, name: str, alpha: float, FUr, FSr, rule, curvature, gamma, threshold, topk, rank):
+    u, s = ctx.pair(name)
+    q_in, q_out = joint_layer(u, s)
+    m_i, m_o = q_in.shape[1], q_out.shape[1]
+    MU, MS = in_subspace(u, q_in, q_out), in_subspace(s, q_in, q_out)
+    diag = {"m_in": int(m_i), "m_out": int(m_o), "curvature": curvature, "rule": rule}
+    if curvature == "exact":
+        FU = subspace_block(FUr, name, q_in, q_out, "utility Fisher")
+        FS = subspace_block(FSr, name, q_in, q_out, "safety Fisher")
+        g = _damping(FU, FS, gamma, name, "subspace")
+        FUd = FU + g * torch.eye(FU.shape[0], dtype=FU.dtype)
+        lam, V = gen_eig(FS, FUd, name)
+        cU, cS = MU.reshape(-1), MS.reshape(-1)
+        yU, yS = V.T @ (FUd @ cU), V.T @ (FUd @ cS)
+        w, branch = weights(lam, alpha, rule, threshold, topk)
+        y = (1 - w) * yU + w * yS
+        M = (V @ y).reshape(m_o, m_i)
+        diag["gamma_abs"] = g
+    else:
+        AU, GU = kfac_block(FUr, name, q_in, q_out, "utility Fisher")
+        AS, GS = kfac_block(FSr, name, q_in, q_out, "safety Fisher")
+        gA = _damping(AU, AS, gamma, name, "input-factor")
+        lamA, VA = gen_eig(AS, AU + gA * torch.eye(m_i, dtype=AU.dtype), name)
+        AUd = AU + gA * torch.eye(m_i, dtype=AU.dtype)
+        if curvature == "kfac":
+            gG = _damping(GU, GS, gamma, name, "output-factor")
+            GUd = GU + gG * torch.eye(m_o, dtype=GU.dtype)
+            lamG, VG = gen_eig(GS, GUd, name)
+            diag["gamma_abs"] = {"input": gA, "output": gG}
+        else:
+            GUd = torch.eye(m_o, dtype=AU.dtype)
+            lamG, VG = torch.ones(m_o, dtype=AU.dtype), torch.eye(m_o, dtype=AU.dtype)
+            diag["gamma_abs"] = {"input": gA}
+        lam = torch.outer(lamG, lamA)  # [m_o, m_i]
+        YU = VG.T @ GUd @ MU @ AUd @ VA
+        YS = VG.T @ GUd @ MS @ AUd @ VA
+        w, branch = weights(lam, alpha, rule, threshold, topk)
+        Y = (1 - w) * YU + w * YS
+        M = VG @ Y @ VA.T
+        yU, yS, y = YU.reshape(-1), YS.reshape(-1), Y.reshape(-1)
+        lam, w, branch = lam.reshape(-1), w.reshape(-1), branch.reshape(-1)
+    if not torch.isfinite(M).all():
+        raise InputError(f"sst: layer {name} produced NaN/Inf (Fisher ill-conditioned); raise gamma")
+    f, info = factor_small(q_out, M, q_in, rank)
+    # --- diagnostics
+    al = alpha * lam
+    present_u = yU.abs() > PRESENT_RTOL * max(float(yU.abs().max()) if yU.numel() else 0.0, 1e-300)
+    present_s = yS.abs() > PRESENT_RTOL * max(float(yS.abs().max()) if yS.numel() else 0.0, 1e-300)
+    conflict = present_u & present_s
+    names = {0: "utility", 1: "safety", 2: "ratio"}
+    resolved = {names[b]: int(((branch == b) & conflict).sum()) for b in (0, 1, 2)}
+    eu = float((yU ** 2).sum())
+    es = float((lam * yS ** 2).sum())
+    spectrum = torch.sort(lam, descending=True).values
+    diag.update({
+        "n_directions": int(lam.numel()),
+        "eigenvalues_top": [float(x) for x in spectrum[:SPECTRUM_LEN]],
+        "eigenvalue_stats": {"max": float(spectrum[0]) if spectrum.numel() else 0.0,
+                             "median": float(spectrum.median()) if spectrum.numel() else 0.0,
+                             "min": float(spectrum[-1]) if spectrum.numel() else 0.0},
+        "dominance": {"safety": int((branch == 1).sum()), "utility": int((branch == 0).sum()),
+                      "ratio": int((branch == 2).sum())},
+        "directions_with_update": {"utility": int(present_u.sum()), "safety": int(present_s.sum())},
+        "conflicts": {"count": int(conflict.sum()), "resolved": resolved,
+                      "mean_safety_weight": float(w[conflict].mean()) if conflict.any() else None},
+        "kept_rank": info["rank"], "numerical_rank": info["numerical_rank"], "residual_rel": info["residual_rel"],
+        "fisher_mass_kept": {
+            "safety": (1.0 - float((lam * (y - yS) ** 2).sum()) / es) if es > 0 else None,
+            "utility": (1.0 - float(((y - yU) ** 2).sum()) / eu) if eu > 0 else None,
+        },
+        "mean_safety_weight": float(w.mean()) if w.numel() else 0.0,
+        "alpha_lambda_max": float(al.max()) if al.numel() else 0.0,
+    })
+    return f, diag
+
+
+def run(ctx: Context, alpha: float, *, rule: str = DEFAULTS["rule"], curvature: str = DEFAULTS["curvature"],
+        gamma: float = DEFAULTS["gamma"], threshold: float = DEFAULTS["threshold"], topk: int | None = None,
+        rank: int | None = None):
+    if rule not in RULES:
+        raise InputError(f"sst: rule must be one of {RULES}, got {rule!r}")
+    if curvature not in CURVATURES:
+        raise InputError(f"sst: curvature must be one of {CURVATURES}, got {curvature!r}")
+    if rule == "hard" and not threshold > 1.0:
+        raise InputError(f"sst: threshold must be > 1 (safety dominates where αλ >= threshold, utility where αλ <= 1/threshold), got {threshold}")
+    if rule == "topk" and (topk is None or int(topk) < 0):
+        raise InputError("sst: rule='topk' needs topk=K (the number of safety-dominant directions to take)")
+    if not gamma > 0:
+        raise InputError(f"sst: gamma must be > 0, got {gamma}")
+    if ctx.fisher is None:
+        raise InputError("sst needs the Fisher of both objectives: pass --fisher DIR or --safety-data/--utility-data")
+    kind = _fisher({"curvature": curvature})[0][1]
+    FUr = ctx.fisher.get("utility", kind, "sst")
+    FSr = ctx.fisher.get("safety", kind, "sst")
+    layers, diags = {}, {}
+    for name in ctx.iterate("sst"):
+        layers[name], diags[name] = _layer(ctx, name, alpha, FUr, FSr, rule, curvature, gamma, threshold, topk, rank)
+    total = {
+        "layers_total": len(diags),
+        "kept_rank_total": sum(d["kept_rank"] for d in diags.values()),
+        "conflicts_total": sum(d["conflicts"]["count"] for d in diags.values()),
+        "resolved_total": {k: sum(d["conflicts"]["resolved"][k] for d in diags.values()) for k in ("safety", "utility", "ratio")},
+    }
+    return layers, {"summary": total, "layers": diags}
+
+
+METHOD = Method("sst", run, DEFAULTS, _fisher, doc=__doc__)
