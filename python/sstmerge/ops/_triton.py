@@ -39,6 +39,17 @@ def _block(n: int, cap: int = 64) -> int:
     return min(cap, max(16, triton.next_power_of_2(n)))
 
 
+def _sum_splits(parts: Tensor) -> Tensor:
+    """Sum over dim 0 by pairwise halving. Only elementwise adds, so every entry is summed in the
+    same order: deterministic, and a stack of symmetric matrices gives a bitwise-symmetric sum
+    (torch's reduction kernels do not promise either)."""
+    while parts.shape[0] > 1:
+        h = parts.shape[0] // 2
+        head = parts[:h] + parts[h : 2 * h]
+        parts = torch.cat([head, parts[2 * h :]]) if parts.shape[0] % 2 else head
+    return parts[0]
+
+
 def _target_programs(t: Tensor) -> int:
     """Programs wanted in flight: a few per SM on a GPU; 2 in the interpreter (exercises splits)."""
     if t.is_cuda:
@@ -136,7 +147,7 @@ def _gram(a: Tensor, b: Tensor, m: Tensor, has_mask: bool, symmetric: bool) -> T
         HAS_MASK=has_mask, SYMMETRIC=symmetric,
         BLOCK_M=BLOCK_M, BLOCK_L=BLOCK_L, BLOCK_N=BLOCK_N,
     )
-    return out[0] if splits == 1 else out.sum(0)
+    return _sum_splits(out)
 
 
 def kfac_factor(x: Tensor, mask: Optional[Tensor], q: Optional[Tensor]) -> Tensor:
