@@ -43,6 +43,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("isa", &sstm::active_isa, "The ISA variant the kernels run with on this CPU.");
   m.def("built_isas", &sstm::built_isas, "The ISA variants compiled into this module.");
   m.def(
+      "build_info",
+      [] {
+        py::dict d;
+        d["cuda_requested"] = bool(SSTM_CUDA_REQUESTED);  // SSTMERGE_CUDA was not OFF
+        d["cuda_built"] = bool(SSTM_CUDA_BUILT);          // a CUDA compiler was found: _C_cuda
+        return d;
+      },
+      "What the build configured: whether CUDA was requested and _C_cuda built.");
+  m.def(
       "runnable_isas",
       [] {
         std::vector<std::string> out;
