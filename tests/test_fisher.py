@@ -286,9 +286,10 @@ def test_true_fisher_uses_seeded_model_samples(model):
     assert not torch.allclose(emp.tensors[names[0]], res.tensors[names[0]])
 
 
-def test_bf16_model_close_to_fp32(batches):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_model_close_to_fp32(batches, backend):
     f32 = estimate(tiny_peft(2), batches, backend="torch", progress=False)
-    b16 = estimate(tiny_peft(2, torch.bfloat16), batches, backend="torch", progress=False)
+    b16 = estimate(tiny_peft(2, torch.bfloat16), batches, backend=backend, progress=False)
     for k, v in f32.tensors.items():
         assert b16.tensors[k].dtype == torch.float32
         rel = ((b16.tensors[k] - v).norm() / v.norm()).item()

@@ -72,7 +72,7 @@ from ..errors import InputError
 from ..ops.backends import resolve as resolve_backend
 from . import cache as _cache
 from . import distributed as dist
-from .hooks import Capture, Layer, Site, base_sites, find_layers, is_peft_model, lora_sites, module_sites
+from .hooks import Capture, Layer, base_sites, find_layers, is_peft_model, lora_sites, module_sites
 from .result import FisherResult, tensor_bytes
 
 DENSE_MAX_WIDTH = 4096  # kfac with sketch_dim: layers wider than this are sketched
@@ -490,31 +490,42 @@ def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos
 
 def _accumulate(plan: _Plan, cap: Capture, grads, am: Tensor, bi: int, w: float) -> None:
     B, T = am.shape
+    work = []  # (site index, x, g, mask)
     j = 0
     for i, calls in enumerate(cap.calls):
         site = plan.sites[i]
         xs, gs = [], []
-        for x, _ in calls:
+        for x, out in calls:
             g = grads[j]
             j += 1
             if x.dim() != 3 or tuple(x.shape[:2]) != (B, T):
                 raise InputError(f"layer {site.layer} got an input of shape {tuple(x.shape)}; "
                                  f"expected [B, T, d] = [{B}, {T}, d]")
-            if g is None:  # the output does not reach the loss
-                g = torch.zeros(B, T, site.module.out_features if hasattr(site.module, "out_features")
-                                else calls[0][1].shape[-1], dtype=x.dtype, device=x.device)
-            _finite(g, "gradient", site, bi)
-            _finite(x, "input", site, bi)
+            if g is None:  # the output does not reach the loss: its gradient is zero
+                g = torch.zeros(out.shape, dtype=x.dtype, device=x.device)
             xs.append(x)
             gs.append(g.to(x.dtype))
         mask = am if len(calls) == 1 else am.repeat(1, len(calls))
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
         g = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)
+        work.append((i, x, g, mask))
+    _check_finite(plan, work, bi)
+    for i, x, g, mask in work:
         plan.updates[i](x, g, mask, w)
 
 
-def _finite(t: Tensor, what: str, site: Site, bi: int) -> None:
-    if not bool(torch.isfinite(t).all()):
-        where = f"layer {site.layer}" + (f" ({site.param_name})" if site.param_name else "")
-        raise NonFiniteError(f"NaN/Inf in the {what} of {where} in batch {bi}; check the data, the "
-                             "adapter weights, and the model dtype (bf16/fp16 overflow)")
+def _check_finite(plan: _Plan, work, bi: int) -> None:
+    """NaN/Inf anywhere in a captured gradient or input -> NonFiniteError naming the first layer.
+
+    One fp32 sum per tensor and one host sync per batch: a sum is finite iff every term is (short
+    of an fp32 overflow of the sum itself, which would make the Fisher overflow too)."""
+    sums = torch.stack([t.sum(dtype=torch.float32) for _, x, g, _ in work for t in (g, x)])
+    if bool(torch.isfinite(sums).all()):
+        return
+    bad = (~torch.isfinite(sums)).nonzero()[0, 0].item()
+    i = work[bad // 2][0]
+    site = plan.sites[i]
+    what = "gradient at the output" if bad % 2 == 0 else "input"
+    where = f"layer {site.layer}" + (f" ({site.param_name})" if site.param_name else "")
+    raise NonFiniteError(f"NaN/Inf in the {what} of {where} in batch {bi}; check the data, the "
+                         "adapter weights, and the model dtype (bf16/fp16 overflow)")
