@@ -95,25 +95,22 @@ def test_triton_backend_needs_interpreter_or_gpu():
 
 
 def _run_isa(isa: str) -> subprocess.CompletedProcess:
-    code = (
-        "import torch, sstmerge.ops as ops; from sstmerge import _C; print(_C.isa()); "
-        "x = torch.randn(2, 9, 33); g = torch.randn(2, 9, 21); "
-        "d = (ops.diag_fisher_linear(x, g, backend='cpp') - ops.diag_fisher_linear(x, g, backend='torch')); "
-        "print(float(d.abs().max()))"
-    )
+    """A fresh process with SSTMERGE_ISA=isa: prints the active variant, then runs an (empty)
+    lora_merge_ through the dispatcher. Torch-free, so it starts fast."""
+    empty = "(0, 0, [0, 0], [0, 1])"
+    code = f"from sstmerge import _C; print(_C.isa()); _C.lora_merge_({empty}, {empty}, {empty}, 1.0, 1)"
     env = dict(os.environ, SSTMERGE_ISA=isa)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_isa_forced_by_env():
     """SSTMERGE_ISA picks the variant for the whole process; an unknown one is an error, not a
-    fallback."""
+    fallback. (Each variant's results are tested per op through the isa= argument.)"""
     from sstmerge import _C
 
     for isa in _C.runnable_isas():
         r = _run_isa(isa)
         assert r.returncode == 0, r.stderr
-        name, err = r.stdout.split()
-        assert name == isa and float(err) < 1e-3
+        assert r.stdout.split() == [isa]
     r = _run_isa("sse9")
     assert r.returncode != 0 and "no CPU kernel variant 'sse9'" in r.stderr
