@@ -460,21 +460,22 @@ def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos
                 if not counted.any():
                     continue  # no loss, every gradient is zero
                 cap.clear()
-                logits = model(**kw).logits[:, :-1]
+                # only the counted positions' logits: [N, V] instead of [B, T, V] in fp32
+                logits = model(**kw).logits[:, :-1][counted]
                 outs = cap.outputs()
                 for i, calls in enumerate(cap.calls):
                     if not calls:
                         raise InputError(f"layer {plan.sites[i].layer} was not called in the forward "
                                          "pass (is its adapter disabled or merged?)")
                 for k in range(draws):
-                    tgt = labels[:, 1:]
                     if fisher == "true":
                         with torch.no_grad():
-                            probs = torch.softmax(logits[counted].float(), dim=-1)
-                            drawn = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-                        tgt = tgt.masked_scatter(counted, drawn)
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                           tgt.reshape(-1), ignore_index=IGNORE, reduction="sum")
+                            probs = torch.softmax(logits.float(), dim=-1)
+                            y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                            del probs
+                    else:
+                        y = labels[:, 1:][counted]
+                    loss = F.cross_entropy(logits.float(), y, reduction="sum")
                     grads = torch.autograd.grad(loss, outs, retain_graph=k < draws - 1,
                                                 allow_unused=True)
                     _accumulate(plan, cap, grads, am, bi, 1.0 / draws)
