@@ -25,34 +25,14 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 
 def resolve_model_dir(base: str) -> Path:
-    """A local model directory for ``base`` (a path, or a name already in the Hugging Face cache)."""
+    """A local model directory for ``base``: a directory, a registry name ("tiny", "mistral-7b", ...)
+    or a Hugging Face id already available offline (see :func:`sstmerge.models.resolve_model_dir`)."""
     p = Path(base)
     if p.is_dir():
         return p
-    if base == "tiny":
-        from ..tiny import ensure_tiny_world
+    from ..models import resolve_model_dir as _resolve
 
-        return Path(ensure_tiny_world().base_model)
-    try:
-        from ..models import resolve as _resolve  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - the registry is optional here
-        _resolve = None
-    if _resolve is not None:
-        try:
-            q = Path(_resolve(base))
-            if q.is_dir():
-                return q
-        except InputError:
-            raise
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(base, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"base model {base!r} is not a local directory and is not in the Hugging Face cache ({type(e).__name__}); "
-                         "download it first or pass its directory") from None
+    return Path(_resolve(base))
 
 
 class ModelFiles:

@@ -1,0 +1,348 @@
+"""sstmerge.merge: every method's adapter equals its fused merge, exactness of task arithmetic,
+alpha = 0 returns the utility model, SST on constructed cases, and the formulas of the baselines."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sstmerge import adapters as ad
+from sstmerge.merge import METHODS, merge
+from test_merge_world import world  # noqa: F401  (fixture)
+
+BACKEND = "torch"
+
+
+def _peft_merged_weights(base, adapter_dir) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    pm = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), str(adapter_dir))
+    return {k: v.detach() for k, v in pm.merge_and_unload().state_dict().items()}
+
+
+def _fused(out) -> dict[str, torch.Tensor]:
+    t = {}
+    for f in sorted((out / "fused").glob("*.safetensors")):
+        t.update(load_file(f))
+    return t
+
+
+@pytest.fixture(scope="module")
+def merged(world, tmp_path_factory):
+    """Every method at alpha = 1, written with its fused model."""
+    root = tmp_path_factory.mktemp("merged")
+    out = {}
+    for m in METHODS:
+        res = merge(m, world.base, world.utility, world.safety, alpha=1.0, fisher=world.fisher, out=root / m, dense=True,
+                    backend=BACKEND, seed=0)
+        out[m] = (res, root / m)
+    return out
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_adapter_applied_equals_fused_and_reloads(world, merged, method):
+    res, out = merged[method]
+    fused = _fused(out)
+    base = {}
+    for f in sorted(world.base.glob("*.safetensors")):
+        base.update(load_file(f))
+    assert sorted(fused) == sorted(base)
+    peft = _peft_merged_weights(world.base, out)
+    changed = 0
+    for k, w in fused.items():
+        if k.endswith(".weight") and k[: -len(".weight")] in res.layers:
+            scale = float(w.abs().max())
+            assert (w - peft[k]).abs().max() <= 4e-7 * scale + 1e-7, k  # fp32 round-off
+            want = base[k].double() + res.layers[k[: -len(".weight")]].delta()
+            assert (w.double() - want).abs().max() <= 4e-7 * scale + 1e-7, k
+            changed += int(not torch.equal(w, base[k]))
+        else:
+            assert torch.equal(w, base[k]), k  # untouched tensors are copied bit for bit
+    assert changed == len(res.layers)
+    back = ad.load_adapter(out)  # and it loads in sstmerge
+    for name, f in res.layers.items():
+        d = f.delta()
+        assert (back.layers[name].delta().double() - d).abs().max() <= 1e-6 * d.abs().max()
+    assert json.loads((out / "diagnostics.json").read_text())["method"] == method
+    assert json.loads((out / "merge.json").read_text())["fused"]["fused_layers"] == len(res.layers)
+
+
+def test_task_arithmetic_is_the_exact_sum_of_deltas(world, merged):
+    U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
+    for alpha in (1.0, 0.37):
+        res = merge("task_arithmetic", world.base, world.utility, world.safety, alpha=alpha) if alpha != 1.0 else merged["task_arithmetic"][0]
+        for name in U.layers:
+            want = U.layers[name].delta().double() + alpha * S.layers[name].delta().double()
+            got = res.layers[name].delta()
+            assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+            # and not the cross-term version (B_U + B_S)(A_U + A_S)
+            u, s = U.layers[name], S.layers[name]
+            cross = (u.scale * u.B + alpha * s.scale * s.B).double() @ (u.A + s.A).double()
+            assert (cross - want).abs().max() > 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_alpha_zero_returns_the_utility_model(world, method, tmp_path):
+    U = ad.load_adapter(world.utility)
+    res = merge(method, world.base, world.utility, world.safety, alpha=0.0, fisher=world.fisher, out=tmp_path / "o",
+                dense=True, backend=BACKEND)
+    fused = _fused(tmp_path / "o")
+    base = {}
+    for f in sorted(world.base.glob("*.safetensors")):
+        base.update(load_file(f))
+    for name, L in U.layers.items():
+        want = L.delta().double()
+        assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max(), name
+        w0 = base[f"{name}.weight"].double()
+        assert (fused[f"{name}.weight"].double() - (w0 + want)).abs().max() <= 1e-6 * w0.abs().max()
+
+
+def test_alpha_changes_the_model(world, merged):
+    U = ad.load_adapter(world.utility)
+    for m, (res, _) in merged.items():
+        diff = max(float((res.layers[n].delta() - U.layers[n].delta().double()).abs().max()) for n in U.layers)
+        assert diff > 1e-4, m
+
+
+def test_unequal_ranks_merge(world, tmp_path):
+    from test_merge_world import make_adapter, make_fisher
+
+    s2 = make_adapter(world.base, tmp_path / "s2", r=2, alpha=2, seed=9)
+    fisher = make_fisher(world.utility, s2, world.base)
+    U, S = ad.load_adapter(world.utility), ad.load_adapter(s2)
+    for m in METHODS:
+        res = merge(m, world.base, world.utility, s2, alpha=1.0, fisher=fisher, backend=BACKEND)
+        assert set(res.layers) == set(U.layers)
+    res = merge("task_arithmetic", world.base, world.utility, s2, alpha=2.0)
+    for n in U.layers:
+        assert res.layers[n].rank == 6
+        want = U.layers[n].delta().double() + 2 * S.layers[n].delta().double()
+        assert (res.layers[n].delta() - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+# ----------------------------------------------------------------------------- baselines' formulas
+
+def test_fisher_avg_formula(world):
+    U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
+    res = merge("fisher_avg", world.base, world.utility, world.safety, alpha=0.7, fisher=world.fisher)
+    name = sorted(U.layers)[1]
+    FU = world.fisher[("utility", "diag")].tensors[f"base_model.model.{name}.base_layer.weight"].double()
+    FS = world.fisher[("safety", "diag")].tensors[f"base_model.model.{name}.base_layer.weight"].double()
+    eps = 1e-6 * float((FU + FS).mean())
+    dU, dS = U.layers[name].delta().double(), S.layers[name].delta().double()
+    want = ((FU + eps) * dU + 0.7 * FS * dS) / (FU + eps + 0.7 * FS)
+    assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_ties_trims_elects_and_averages(world):
+    U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
+    res = merge("ties", world.base, world.utility, world.safety, alpha=1.0, density=0.3)
+    name = sorted(U.layers)[0]
+    dU, dS = U.layers[name].delta().double(), S.layers[name].delta().double()
+
+    def trim(d):
+        k = round(0.3 * d.numel())
+        cut = d.abs().flatten().sort(descending=True).values[k - 1]
+        return torch.where(d.abs() >= cut, d, torch.zeros_like(d))
+
+    tu, ts = trim(dU), trim(dS)
+    sign = torch.sign(tu + ts)
+    au = (torch.sign(tu) == sign) & (tu != 0)
+    as_ = (torch.sign(ts) == sign) & (ts != 0)
+    want = (tu * au + ts * as_) / (au.double() + as_.double()).clamp_min(1)
+    assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert float((want == 0).double().mean()) > 0.4  # trimming really happened
+
+
+def test_dare_is_seeded_and_unbiased_in_shape(world):
+    a = merge("dare", world.base, world.utility, world.safety, alpha=1.0, density=0.5, seed=1)
+    b = merge("dare", world.base, world.utility, world.safety, alpha=1.0, density=0.5, seed=1)
+    c = merge("dare", world.base, world.utility, world.safety, alpha=1.0, density=0.5, seed=2)
+    name = sorted(a.layers)[0]
+    assert torch.equal(a.layers[name].delta(), b.layers[name].delta())
+    assert not torch.allclose(a.layers[name].delta(), c.layers[name].delta())
+    U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
+    dU, dS = U.layers[name].delta().double(), S.layers[name].delta().double()
+    d = a.layers[name].delta()
+    # each entry of DARE(dU) + DARE(dS) (density 0.5) is one of 0, 2 dU, 2 dS, 2 (dU + dS)
+    cands = torch.stack([torch.zeros_like(dU), 2 * dU, 2 * dS, 2 * (dU + dS)])
+    dist = (cands - d).abs()
+    tol = 1e-5 * float(d.abs().max())
+    assert bool((dist.min(dim=0).values <= tol).all())
+    which = dist.argmin(dim=0)
+    frac = torch.bincount(which.flatten(), minlength=4).double() / which.numel()
+    assert torch.allclose(frac, torch.full((4,), 0.25, dtype=torch.float64), atol=0.05)  # independent keeps
+
+
+def test_safe_lora_projects_with_the_explicit_projector(world, tmp_path):
+    """Check against an explicit O x O projector built here (the method never builds one)."""
+    from test_merge_world import make_base
+
+    aligned = make_base(tmp_path / "aligned", seed=7)
+    U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
+    res = merge("safe_lora", world.base, world.utility, world.safety, alpha=0.6, threshold=1.01,
+                align_model=str(aligned), align_rank=5)
+    from sstmerge.merge.writers import ModelFiles
+
+    A, B = ModelFiles(aligned), ModelFiles(world.base)
+    for name in U.layers:
+        V = A.get(f"{name}.weight").double() - B.get(f"{name}.weight").double()
+        Uv = torch.linalg.svd(V)[0][:, :5]
+        P = Uv @ Uv.T
+        dU, dS = U.layers[name].delta().double(), S.layers[name].delta().double()
+        want = dU - 0.6 * (dU - P @ dU) + 0.6 * dS  # threshold > 1 selects every layer
+        assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max(), name
+    assert res.diagnostics["projected_layers"] == len(U.layers)
+
+
+def test_safemerge_selects_layers_by_cosine(world):
+    U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
+    probe = merge("safemerge", world.base, world.utility, world.safety, alpha=1.0, threshold=1.01)
+    cos = {n: d["cosine"] for n, d in probe.diagnostics["layers"].items()}
+    for name in U.layers:  # the cosine is ||P dU|| / ||dU|| with P onto the safety update's columns
+        Q = ad.orth(S.layers[name].delta())
+        dU = U.layers[name].delta().double()
+        assert abs(cos[name] - float((Q.double().T @ dU).norm() / dU.norm())) < 1e-5
+    cut = sorted(cos.values())[len(cos) // 2]
+    res = merge("safemerge", world.base, world.utility, world.safety, alpha=1.0, threshold=cut)
+    for name in U.layers:
+        dU, dS = U.layers[name].delta().double(), S.layers[name].delta().double()
+        want = dU + dS if cos[name] < cut else dU
+        assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert 0 < res.diagnostics["merged_layers"] < len(U.layers)
+
+
+def test_regmean_matches_its_closed_form_and_sst_input_soft(world):
+    U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
+    alpha = 1.3
+    res = merge("regmean", world.base, world.utility, world.safety, alpha=alpha, fisher=world.fisher)
+    sst = merge("sst", world.base, world.utility, world.safety, alpha=alpha, fisher=world.fisher, curvature="input",
+                rule="soft", gamma=1e-4)
+    for name in U.layers:
+        qi, qo = ad.joint_layer(U.layers[name], S.layers[name])
+        qi, qo = qi.double(), qo.double()
+        AU = world.fisher[("utility", "kfac")].tensors[f"{name}.A"].double()
+        AS = world.fisher[("safety", "kfac")].tensors[f"{name}.A"].double()
+        MU = qo.T @ U.layers[name].delta().double() @ qi
+        MS = qo.T @ S.layers[name].delta().double() @ qi
+        eps = 1e-4 * float(torch.trace(AU + AS)) / AU.shape[0]
+        K = AU + eps * torch.eye(AU.shape[0], dtype=AU.dtype)
+        M = (MU @ K + alpha * MS @ AS) @ torch.linalg.inv(K + alpha * AS)
+        want = qo @ M @ qi.T
+        assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max()
+        # SST with the input-side curvature and the soft rule is the same closed form (damping on A_U only)
+        gA = 1e-4 * float(torch.trace(AU)) / AU.shape[0]
+        K2 = AU + gA * torch.eye(AU.shape[0], dtype=AU.dtype)
+        want2 = qo @ ((MU @ K2 + alpha * MS @ AS) @ torch.linalg.inv(K2 + alpha * AS)) @ qi.T
+        assert (sst.layers[name].delta() - want2).abs().max() <= 1e-5 * want2.abs().max()
+
+
+# ----------------------------------------------------------------------------- SST on constructed cases
+
+def _block_world(tmp_path, overlap: bool):
+    """Base + two adapters whose updates live in separate coordinate blocks (or share one), and
+    Fishers whose blocks are disjoint (or overlap), built in the joint subspace."""
+    from test_merge_world import make_base
+
+    base = make_base(tmp_path / "base")
+    from sstmerge.merge.writers import ModelFiles
+
+    shapes = {n: s for n, s in ModelFiles(base).linear_shapes().items() if n.endswith("q_proj")}
+    gen = torch.Generator().manual_seed(0)
+    lu, ls = {}, {}
+    for name, (O, I) in shapes.items():
+        r = 2
+        AU = torch.zeros(r, I)
+        AU[0, 0], AU[1, 1] = 1.0, 1.0
+        BU = torch.zeros(O, r)
+        BU[0, 0], BU[1, 1] = 1.0, 1.0
+        AS = torch.zeros(r, I)
+        BS = torch.zeros(O, r)
+        if overlap:  # the safety update shares input direction 1 and output direction 1 with utility
+            AS[0, 1], AS[1, 2] = 1.0, 1.0
+            BS[1, 0], BS[2, 1] = 1.0, 1.0
+        else:
+            AS[0, 2], AS[1, 3] = 1.0, 1.0
+            BS[2, 0], BS[3, 1] = 1.0, 1.0
+        lu[name] = (BU * torch.tensor([0.5, -0.3]), AU, 1.0)
+        ls[name] = (BS * torch.tensor([0.7, 0.4]), AS, 1.0)
+    paths = []
+    for tag, layers in (("u", lu), ("s", ls)):
+        d = tmp_path / tag
+        d.mkdir()
+        ad.save_adapter(d, layers, base_model=str(base))
+        paths.append(d)
+    U, S = ad.load_adapter(paths[0]), ad.load_adapter(paths[1])
+    fisher = {}
+    for role, X in (("utility", U), ("safety", S)):
+        tensors = {}
+        for name in U.layers:
+            qi, qo = ad.joint_layer(U.layers[name], S.layers[name])
+            # Fisher = identity on the coordinates of this role's own update, zero elsewhere
+            M = qo.T.double() @ X.layers[name].delta().double() @ qi.double()
+            support = (M.abs() > 1e-9).double().reshape(-1)
+            if role == "safety" and overlap:  # the shared coordinate matters to both objectives
+                MU = qo.T.double() @ U.layers[name].delta().double() @ qi.double()
+                support = torch.maximum(support, (MU.abs() > 1e-9).double().reshape(-1))
+            tensors[f"{name}.fisher"] = torch.diag(support * (1.0 + torch.rand(support.numel(), generator=gen, dtype=torch.float64))).float()
+            tensors[f"{name}.q_in"], tensors[f"{name}.q_out"] = qi, qo
+        fisher[role] = SimpleNamespace(kind="subspace", tensors=tensors, meta={})
+    return base, paths[0], paths[1], U, S, fisher
+
+
+def test_sst_keeps_each_update_whole_when_subspaces_and_fisher_blocks_are_separate(tmp_path):
+    base, up, sp, U, S, fisher = _block_world(tmp_path, overlap=False)
+    for rule in ("hard", "soft"):
+        res = merge("sst", base, up, sp, alpha=1.0, fisher=fisher, curvature="exact", rule=rule, gamma=1e-6)
+        for name in U.layers:
+            want = U.layers[name].delta().double() + S.layers[name].delta().double()
+            err = float((res.layers[name].delta() - want).abs().max())
+            # hard: safety-dominant block taken whole; soft: weight αλ/(1+αλ) with λ ~ 1/gamma
+            assert err <= (1e-6 if rule == "hard" else 1e-4) * float(want.abs().max()), (rule, err)
+            d = res.diagnostics["layers"][name]
+            assert d["conflicts"]["count"] == 0
+            assert d["m_in"] == 4 and d["m_out"] == 4 and d["kept_rank"] == 4
+            assert d["fisher_mass_kept"]["safety"] > 0.999 and d["fisher_mass_kept"]["utility"] > 0.999
+
+
+def test_sst_reports_and_resolves_conflicts_when_they_overlap(tmp_path):
+    base, up, sp, U, S, fisher = _block_world(tmp_path, overlap=True)
+    for alpha, side in ((1e6, "safety"), (1e-6, "utility")):
+        res = merge("sst", base, up, sp, alpha=alpha, fisher=fisher, curvature="exact", rule="hard", threshold=4.0,
+                    gamma=1e-3)
+        for name in U.layers:
+            d = res.diagnostics["layers"][name]
+            assert d["conflicts"]["count"] >= 1
+            assert d["conflicts"]["resolved"][side] == d["conflicts"]["count"]
+    res = merge("sst", base, up, sp, alpha=1.0, fisher=fisher, curvature="exact", rule="soft", gamma=1e-3)
+    for name in U.layers:
+        d = res.diagnostics["layers"][name]
+        assert d["conflicts"]["count"] >= 1 and d["conflicts"]["resolved"]["ratio"] == d["conflicts"]["count"]
+        assert 0.0 < d["conflicts"]["mean_safety_weight"] < 1.0
+        assert d["fisher_mass_kept"]["safety"] < 0.999 and d["fisher_mass_kept"]["utility"] < 0.999
+        # the shared coordinate (out 1, in 1) is the Fisher-weighted average of the two values
+        qi, qo = ad.joint_layer(U.layers[name], S.layers[name])
+        M = qo.T.double() @ res.layers[name].delta() @ qi.double()
+        MU = qo.T.double() @ U.layers[name].delta().double() @ qi.double()
+        MS = qo.T.double() @ S.layers[name].delta().double() @ qi.double()
+        FU = fisher["utility"].tensors[f"{name}.fisher"].double()
+        FS = fisher["safety"].tensors[f"{name}.fisher"].double()
+        g = 1e-3 * float(torch.trace(FU)) / FU.shape[0]
+        FUd = FU + g * torch.eye(FU.shape[0], dtype=FU.dtype)
+        c = torch.linalg.solve(FUd + FS, FUd @ MU.reshape(-1) + FS @ MS.reshape(-1))
+        assert torch.allclose(M.reshape(-1), c, atol=1e-6)
+
+
+def test_sst_kfac_and_topk_run_and_rank_option_truncates(world):
+    res = merge("sst", world.base, world.utility, world.safety, alpha=1.0, fisher=world.fisher, curvature="kfac",
+                rule="topk", topk=5)
+    for d in res.diagnostics["layers"].values():
+        assert d["dominance"]["safety"] == 5
+    res = merge("sst", world.base, world.utility, world.safety, alpha=1.0, fisher=world.fisher, rank=3)
+    for name, d in res.diagnostics["layers"].items():
+        assert res.layers[name].rank == 3 and d["kept_rank"] == 3 and d["residual_rel"] > 0
