@@ -12,7 +12,7 @@ def diag_fisher_linear_kernel(
     g_stride_b, g_stride_t, g_stride_o,
     mask_stride_b, mask_stride_t,
     out_stride_o, out_stride_i,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, NATIVE_DOT: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """out[o, i] = sum_b G_b[o, i]^2,  G_b = sum_t mask[b, t] g[b, t, o] x[b, t, i]  (fp32).
@@ -20,6 +20,9 @@ def diag_fisher_linear_kernel(
     One program owns one [BLOCK_O, BLOCK_I] tile of out. For each sample b it accumulates that tile
     of G_b over token blocks with tl.dot (fp32, IEEE), then adds its square to the running Fisher
     tile; only one G_b tile exists at a time (memory O(O*I) for out plus a tile per program).
+    NATIVE_DOT (GPU, bf16/fp16 inputs, a 0/1 mask): tiles stay 16-bit and tl.dot accumulates in
+    fp32 on tensor cores (16-bit products are exact in fp32, so only the summation order differs);
+    otherwise tiles are up-cast and the dot is fp32 IEEE (the interpreter needs this for bf16).
     Compute-bound: 2*B*T*O*I flops, like the full-batch weight-gradient GEMM; every program reads
     its x and g column panels once.
     """
@@ -45,15 +48,22 @@ def diag_fisher_linear_kernel(
             g_tile = tl.load(
                 g_b + t[:, None] * g_stride_t + offs_o[None, :] * g_stride_o,
                 mask=in_t[:, None] & in_o[None, :], other=0.0,
-            ).to(tl.float32)  # [BLOCK_T, BLOCK_O]
-            if HAS_MASK:
-                m = tl.load(mask_b + t * mask_stride_t, mask=in_t, other=0.0)
-                g_tile = g_tile * m[:, None]
+            )  # [BLOCK_T, BLOCK_O]
             x_tile = tl.load(
                 x_b + t[:, None] * x_stride_t + offs_i[None, :] * x_stride_i,
                 mask=in_t[:, None] & in_i[None, :], other=0.0,
-            ).to(tl.float32)  # [BLOCK_T, BLOCK_I]
-            grad += tl.dot(tl.trans(g_tile), x_tile, input_precision="ieee")
+            )  # [BLOCK_T, BLOCK_I]
+            if HAS_MASK:
+                m = tl.load(mask_b + t * mask_stride_t, mask=in_t, other=0.0)
+            if NATIVE_DOT:
+                if HAS_MASK:
+                    g_tile = tl.where(m[:, None] != 0, g_tile, tl.zeros_like(g_tile))
+                grad += tl.dot(tl.trans(g_tile), x_tile, out_dtype=tl.float32)
+            else:
+                g_tile = g_tile.to(tl.float32)
+                if HAS_MASK:
+                    g_tile = g_tile * m[:, None]
+                grad += tl.dot(tl.trans(g_tile), x_tile.to(tl.float32), input_precision="ieee")
         fisher += grad * grad
         x_b += x_stride_b
         g_b += g_stride_b

@@ -63,7 +63,7 @@ def masked_gram_kernel(
     b_stride_n, b_stride_l,
     mask_stride_n,
     out_stride_s, out_stride_m, out_stride_l,
-    HAS_MASK: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_MASK: tl.constexpr, SYMMETRIC: tl.constexpr, NATIVE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[s, i, j] = sum_{n in split s} mask_n a[n, i] b[n, j]  (fp32).
@@ -73,6 +73,8 @@ def masked_gram_kernel(
     order, so results are deterministic). With SYMMETRIC (a is b, BLOCK_M == BLOCK_L) only tiles
     on or above the diagonal are computed and each off-diagonal tile is also stored transposed.
     Compute-bound for wide outputs (2*N*M*L flops, the A^T A GEMM); memory-bound when L is small.
+    NATIVE_DOT (GPU, a and b both bf16 or both fp16, a 0/1 mask): 16-bit tiles, fp32-accumulating
+    tensor-core dots; otherwise fp32 tiles and IEEE dots.
     """
     pid_m = tl.program_id(0)
     pid_l = tl.program_id(1)
@@ -96,15 +98,22 @@ def masked_gram_kernel(
         a_tile = tl.load(
             a_ptr + rows[:, None] * a_stride_n + offs_m[None, :] * a_stride_m,
             mask=in_n[:, None] & in_m[None, :], other=0.0,
-        ).to(tl.float32)  # [BLOCK_N, BLOCK_M]
-        if HAS_MASK:
-            w = tl.load(mask_ptr + rows * mask_stride_n, mask=in_n, other=0.0)
-            a_tile = a_tile * w[:, None]
+        )  # [BLOCK_N, BLOCK_M]
         b_tile = tl.load(
             b_ptr + rows[:, None] * b_stride_n + offs_l[None, :] * b_stride_l,
             mask=in_n[:, None] & in_l[None, :], other=0.0,
-        ).to(tl.float32)  # [BLOCK_N, BLOCK_L]
-        acc += tl.dot(tl.trans(a_tile), b_tile, input_precision="ieee")
+        )  # [BLOCK_N, BLOCK_L]
+        if HAS_MASK:
+            w = tl.load(mask_ptr + rows * mask_stride_n, mask=in_n, other=0.0)
+        if NATIVE_DOT:
+            if HAS_MASK:
+                a_tile = tl.where(w[:, None] != 0, a_tile, tl.zeros_like(a_tile))
+            acc += tl.dot(tl.trans(a_tile), b_tile, out_dtype=tl.float32)
+        else:
+            a_tile = a_tile.to(tl.float32)
+            if HAS_MASK:
+                a_tile = a_tile * w[:, None]
+            acc += tl.dot(tl.trans(a_tile), b_tile.to(tl.float32), input_precision="ieee")
 
     out_s = out_ptr + split.to(tl.int64) * out_stride_s
     in_tile = in_m[:, None] & in_l[None, :]

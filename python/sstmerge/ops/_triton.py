@@ -34,6 +34,20 @@ def _mask_f32(mask: Optional[Tensor], like: Tensor) -> tuple[Tensor, bool]:
     return mask.to(torch.float32), True
 
 
+def _native_dot(mask: Optional[Tensor], *tensors: Tensor) -> bool:
+    """Whether the compute-bound kernels may dot 16-bit tiles directly (fp32 accumulation on
+    tensor cores): on a GPU, all operands bf16 or all fp16, and a mask that is absent or bool
+    (so masking is a select, not a multiply that would round in 16 bits). The interpreter's bf16
+    dot is wrong, so it always takes the fp32 path."""
+    dtypes = {t.dtype for t in tensors}
+    return (
+        all(t.is_cuda for t in tensors)
+        and len(dtypes) == 1
+        and dtypes <= {torch.bfloat16, torch.float16}
+        and (mask is None or mask.dtype == torch.bool)
+    )
+
+
 def _block(n: int, cap: int = 64) -> int:
     """A tile size covering n (at least 16, the minimum tl.dot dimension), at most cap."""
     return min(cap, max(16, triton.next_power_of_2(n)))
@@ -72,7 +86,8 @@ def diag_fisher_linear(x: Tensor, g: Tensor, mask: Optional[Tensor]) -> Tensor:
             x, g, m, out,
             B, T, I, O,
             *x.stride(), *g.stride(), *ms, *out.stride(),
-            HAS_MASK=has_mask, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, BLOCK_T=BLOCK_T,
+            HAS_MASK=has_mask, NATIVE_DOT=_native_dot(mask, x, g),
+            BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, BLOCK_T=BLOCK_T,
         )
     return out
 
@@ -123,7 +138,9 @@ def _project(x2: Tensor, q: Tensor) -> Tensor:
     return y
 
 
-def _gram(a: Tensor, b: Tensor, m: Tensor, has_mask: bool, symmetric: bool) -> Tensor:
+def _gram(
+    a: Tensor, b: Tensor, m: Tensor, has_mask: bool, symmetric: bool, native: bool = False
+) -> Tensor:
     """out[i, j] = sum_n m_n a[n, i] b[n, j] (fp32), split over rows when the output is small."""
     N, M = a.shape
     L = b.shape[1]
@@ -144,7 +161,7 @@ def _gram(a: Tensor, b: Tensor, m: Tensor, has_mask: bool, symmetric: bool) -> T
     masked_gram_kernel[grid](
         a, b, m, out, N, M, L, rows_per_split,
         *a.stride(), *b.stride(), m.stride(0) if has_mask else 0, *out.stride(),
-        HAS_MASK=has_mask, SYMMETRIC=symmetric,
+        HAS_MASK=has_mask, SYMMETRIC=symmetric, NATIVE_DOT=native,
         BLOCK_M=BLOCK_M, BLOCK_L=BLOCK_L, BLOCK_N=BLOCK_N,
     )
     return _sum_splits(out)
@@ -153,7 +170,9 @@ def _gram(a: Tensor, b: Tensor, m: Tensor, has_mask: bool, symmetric: bool) -> T
 def kfac_factor(x: Tensor, mask: Optional[Tensor], q: Optional[Tensor]) -> Tensor:
     x2, m, has_mask = _rows(x, mask)
     with _on_device(x):
-        y = x2 if q is None else _project(x2, q)
+        if q is None:
+            return _gram(x2, x2, m, has_mask, symmetric=True, native=_native_dot(mask, x2))
+        y = _project(x2, q)
         return _gram(y, y, m, has_mask, symmetric=True)
 
 
