@@ -136,9 +136,11 @@ def build_requests(tokenizer, items: Sequence[Mapping], shots: Mapping[str, Sequ
 
 
 @torch.inference_mode()
-def score_rows(model, rows: list[list[int]], needs: list[int], *, pad_id: int, batch_size: int,
-               max_batch_tokens: int | None = None, progress: bool = False) -> list[torch.Tensor]:
-    """fp32 log-softmax of the last ``needs[r]`` positions of each row: ``[needs[r], vocab]`` tensors."""
+def score_rows(model, rows: list[list[int]], targets: list[list[list[int]]], *, pad_id: int, batch_size: int,
+               max_batch_tokens: int | None = None, progress: bool = False) -> list[list[float]]:
+    """Summed fp32 log-likelihoods: ``out[r][j]`` for continuation ``targets[r][j]``, whose tokens are
+    predicted by the last ``len(targets[r][j])`` positions of ``rows[r]``. Only those positions'
+    logits are computed, and only the target tokens' log-probs leave the batch."""
     device = model_device(model)
     out: list[Any] = [None] * len(rows)
     batches = length_sorted_batches([len(r) for r in rows], batch_size, max_batch_tokens)
@@ -148,12 +150,16 @@ def score_rows(model, rows: list[list[int]], needs: list[int], *, pad_id: int, b
         it = tqdm(batches, desc="mmlu", unit="batch")
     for batch in it:
         ids, mask = left_pad([rows[i] for i in batch], pad_id, device)
-        keep = max(needs[i] for i in batch)
+        keep = max(len(c) for i in batch for c in targets[i])
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
-                       logits_to_keep=keep).logits
-        logp = torch.log_softmax(logits[:, -keep:, :].float(), dim=-1).cpu()
+                       logits_to_keep=keep).logits[:, -keep:, :]
+        logp = torch.log_softmax(logits.float(), dim=-1)
         for j, i in enumerate(batch):
-            out[i] = logp[j, keep - needs[i]:, :]
+            sums = []
+            for cont in targets[i]:
+                pos = torch.arange(keep - len(cont), keep, device=logp.device)
+                sums.append(logp[j, pos, torch.tensor(cont, device=logp.device)].sum())
+            out[i] = torch.stack(sums).cpu().tolist()
     return out
 
 
@@ -177,23 +183,23 @@ def evaluate_mmlu(model, tokenizer, items: Sequence[Mapping], *, k_shot: int = 0
     def local(indices: list[int]) -> list[dict]:
         sub = [items[i] for i in indices]
         rows, reqs = build_requests(tokenizer, sub, shots, add_bos_token=add_bos_token, max_length=max_len)
-        needs = [0] * len(rows)
+        targets: list[list[list[int]]] = [[] for _ in rows]
+        where = []  # per item, per choice: (row, index into targets[row])
         for per_item in reqs:
+            where.append([])
             for r, cont in per_item:
-                needs[r] = max(needs[r], len(cont))
+                where[-1].append((r, len(targets[r])))
+                targets[r].append(cont)
         was_training = model.training
         model.eval()
         try:
-            logps = score_rows(model, rows, needs, pad_id=pad, batch_size=batch_size,
+            sums = score_rows(model, rows, targets, pad_id=pad, batch_size=batch_size,
                                max_batch_tokens=max_batch_tokens, progress=progress)
         finally:
             model.train(was_training)
         recs = []
-        for i, it, per_item in zip(indices, sub, reqs):
-            lps = []
-            for r, cont in per_item:
-                lp = logps[r][-len(cont):]
-                lps.append(float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum()))
+        for i, it, per_item in zip(indices, sub, where):
+            lps = [float(sums[r][k]) for r, k in per_item]
             pred = max(range(4), key=lambda c: (lps[c], -c))  # first maximum, like np.argmax
             gold = int(it["answer"])
             recs.append({"id": it.get("id", i), "subject": it["subject"], "pred": pred, "gold": gold,
