@@ -1,0 +1,64 @@
+"""lora_merge_: cpp vs the torch reference vs peft's LoraLayer merge, against a plain copy of w (the
+memory-bound limit: one read and one write of w).
+
+Full mode: DESIGN.md section 8, w 4096x4096, r=16, fp32 and bf16; target cpp <= 1.5x the copy.
+The kernels merge into the same w round after round (its values drift; the work does not change).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sstmerge.ops as ops
+from _timing import assert_agree, run
+
+CANDIDATES = ["copy_limit", "cpp", "torch_reference", "peft_merge"]
+
+
+def make(name, O, I, r, dtype):
+    gen = torch.Generator().manual_seed(0)
+    w = (0.02 * torch.randn(O, I, generator=gen)).to(dtype)
+    b = (0.02 * torch.randn(O, r, generator=gen)).to(dtype)
+    a = (0.02 * torch.randn(r, I, generator=gen)).to(dtype)
+    if name == "copy_limit":
+        w2 = torch.empty_like(w)
+        return lambda: w2.copy_(w), None
+    if name in ("cpp", "torch_reference"):
+        bk = "cpp" if name == "cpp" else "torch"
+        want = (w.double() + 2.0 * (b.double() @ a.double())).to(dtype)
+        assert_agree(name, ops.lora_merge_(w.clone(), b, a, 2.0, backend=bk), want, rtol=1e-2)
+        return lambda: ops.lora_merge_(w, b, a, 2.0, backend=bk), None
+    if name == "peft_merge":
+        peft = pytest.importorskip("peft")
+        model = torch.nn.Sequential(torch.nn.Linear(I, O, bias=False))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+        model = model.to(dtype)
+        layer = model.base_model.model[0]
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(w)
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+
+        def setup():
+            layer.merged_adapters.clear()  # merge again into the already merged weight
+
+        def f():
+            with torch.no_grad():
+                layer.merge()
+            return layer.base_layer.weight
+
+        want = (w.double() + 2.0 * (b.double() @ a.double())).to(dtype)
+        assert_agree(name, f(), want, rtol=1e-2)  # scaling alpha / r = 2, as the kernels
+        return f, setup
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", CANDIDATES)
+def bench_lora_merge(benchmark, mode, name, dtype):
+    O, I, r = (4096, 4096, 16) if mode.full else (1024, 1024, 16)
+    fn, setup = make(name, O, I, r, dtype)  # each candidate is checked there before it is timed
+    role = {"copy_limit": "limit", "cpp": "cpp", "torch_reference": "reference"}.get(name, "peer")
+    run(benchmark, fn, mode, group=f"lora_merge_ {O}x{I} r{r} {str(dtype)[6:]}", role=role,
+        setup=setup, dtype=dtype, shape=(O, I, r))
