@@ -40,7 +40,19 @@ typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-static inline vf vbcast(float s) { return vf{} + s; }
+// Splat a scalar (not `vf{} + s`: that costs a scalar add, since 0 + -0 must give +0).
+static inline vf vbcast(float s) {
+#if defined(SSTM_ISA_avx512)
+  return (vf)_mm512_set1_ps(s);
+#elif defined(SSTM_ISA_avx2)
+  return (vf)_mm256_set1_ps(s);
+#else
+  vf r;
+#pragma GCC unroll 4
+  for (int i = 0; i < VW; ++i) r[i] = s;
+  return r;
+#endif
+}
 
 // ---- dtype conversion of contiguous runs (vectorised; bit-identical to numeric.h's scalars) ----
 
