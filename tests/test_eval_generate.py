@@ -81,3 +81,17 @@ def test_length_sorted_batches_bounds():
     tb = length_sorted_batches(lengths, 10, max_batch_tokens=20)
     assert all(max(lengths[i] for i in b) * len(b) <= 20 for b in tb)
     assert sorted(i for b in tb for i in b) == list(range(6))
+
+
+def test_no_chat_template_is_an_error_and_eos_ids_include_generation_config():
+    import pytest
+
+    from sstmerge.errors import InputError
+    from sstmerge.eval.generate import eos_token_ids
+
+    model, tok = tiny_model()
+    model.generation_config.eos_token_id = [tok.eos_token_id, 7]
+    assert eos_token_ids(model, tok) == {tok.eos_token_id, 7}
+    tok.chat_template = None
+    with pytest.raises(InputError, match="no chat_template"):
+        generate(model, tok, ["hi"], max_new_tokens=2)
