@@ -117,7 +117,9 @@ def masked_gram_kernel(
 
     out_s = out_ptr + split.to(tl.int64) * out_stride_s
     in_tile = in_m[:, None] & in_l[None, :]
-    tl.store(out_s + offs_m[:, None] * out_stride_m + offs_l[None, :] * out_stride_l, acc, mask=in_tile)
+    tl.store(
+        out_s + offs_m[:, None] * out_stride_m + offs_l[None, :] * out_stride_l, acc, mask=in_tile
+    )
     if SYMMETRIC:
         if pid_l > pid_m:  # the mirrored tile: out[j, i] = out[i, j]
             tl.store(

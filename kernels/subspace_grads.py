@@ -73,7 +73,8 @@ def subspace_grads_kernel(
             pg = pg * m[:, None]
         acc += tl.dot(tl.trans(pg), px, input_precision="ieee")
 
+    out_b = out_ptr + b * out_stride_b
     tl.store(
-        out_ptr + b * out_stride_b + offs_mo[:, None] * out_stride_mo + offs_mi[None, :] * out_stride_mi,
+        out_b + offs_mo[:, None] * out_stride_mo + offs_mi[None, :] * out_stride_mi,
         acc, mask=in_mo[:, None] & in_mi[None, :],
     )

@@ -137,10 +137,13 @@ class _Emulated:
 
     def __init__(self, lib):
         self.lib = lib
-        P, I64, PI64, INT = ctypes.c_uint64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_int
+        P, I64, INT = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int
+        PI64 = ctypes.POINTER(ctypes.c_int64)
         lib.emu_diag_fisher.argtypes = [P, PI64, P, PI64, INT, P, PI64, I64, I64, I64, I64, P]
-        lib.emu_gram.argtypes = [P, INT, PI64, P, INT, PI64, P, PI64] + [I64] * 6 + [ctypes.c_bool, P]
-        lib.emu_lora_merge.argtypes = [P, INT, PI64, P, PI64, P, PI64, INT, I64, I64, I64, ctypes.c_double]
+        lib.emu_gram.argtypes = [P, INT, PI64, P, INT, PI64, P, PI64] + [I64] * 6
+        lib.emu_gram.argtypes += [ctypes.c_bool, P]
+        lib.emu_lora_merge.argtypes = [P, INT, PI64, P, PI64, P, PI64, INT, I64, I64, I64]
+        lib.emu_lora_merge.argtypes += [ctypes.c_double]
         for f in (lib.emu_diag_fisher, lib.emu_gram, lib.emu_lora_merge):
             f.restype = ctypes.c_char_p
 

@@ -80,7 +80,7 @@ def diag_fisher_linear(x: Tensor, g: Tensor, mask: Optional[Tensor]) -> Tensor:
     B, T, I = x.shape
     O = g.shape[2]
     out = torch.empty((O, I), dtype=torch.float32, device=x.device)
-    m, mp, ms = _mask(mask)
+    m, mp, ms = _mask(mask)  # m holds the fp32 mask the kernel reads
     _mod().diag_fisher_linear(
         x.data_ptr(), x.stride(), g.data_ptr(), g.stride(), DTYPE_CODES[x.dtype], mp, ms,
         B, T, I, O, out.data_ptr(), *_launch(x),
@@ -108,7 +108,8 @@ def _gram(
     out = torch.empty((batch * splits, M, L), dtype=torch.float32, device=a.device)
     wp, ws = (0, (0, 0)) if w is None else (w.data_ptr(), w.stride())
     _mod().gram(
-        a.data_ptr(), DTYPE_CODES[a.dtype], a.stride(), b.data_ptr(), DTYPE_CODES[b.dtype], b.stride(),
+        a.data_ptr(), DTYPE_CODES[a.dtype], a.stride(),
+        b.data_ptr(), DTYPE_CODES[b.dtype], b.stride(),
         wp, ws, batch, rows, M, L, rows_per_split, splits, symmetric, out.data_ptr(), *_launch(a),
     )
     if splits > 1:
