@@ -93,9 +93,15 @@ def build_world(root: Path) -> World:
     return World(root, base, utility, safety, make_fisher(utility, safety, base))
 
 
+_BUILT: list[World] = []
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> World:
-    return build_world(tmp_path_factory.mktemp("merge_world"))
+    # imported into several test modules (each gets its own fixture definition): build it once
+    if not _BUILT:
+        _BUILT.append(build_world(tmp_path_factory.mktemp("merge_world")))
+    return _BUILT[0]
 
 
 def test_world_adapters_are_nonzero_and_distinct(world):
