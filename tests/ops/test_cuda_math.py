@@ -178,7 +178,7 @@ def emulated(tmp_path_factory):
     (d / "emu.cpp").write_text(EMULATOR)
     so = d / "emu.so"
     subprocess.run(
-        [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+        [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-shared", "-fPIC",
          f"-I{CSRC}", str(d / "emu.cpp"), "-o", str(so)],
         check=True, capture_output=True, text=True,
     )
