@@ -51,6 +51,8 @@ DEFAULTS = {"rule": "hard", "curvature": "kfac", "gamma": 1e-4, "threshold": 4.0
 #: Components below this fraction of an update's largest eigen-coordinate count as absent.
 PRESENT_RTOL = 1e-6
 SPECTRUM_LEN = 32
+#: A safety Fisher (accumulated in fp32) counts as PSD when its smallest eigenvalue is >= -PSD_RTOL * largest.
+PSD_RTOL = 1e-5
 
 
 def _fisher(opts):
@@ -77,11 +79,16 @@ def gen_eig(FS: torch.Tensor, FUd: torch.Tensor, name: str) -> tuple[torch.Tenso
         L = torch.linalg.cholesky(FUd)
     except RuntimeError as e:
         raise InputError(f"sst: the damped utility Fisher of layer {name} is not positive definite ({e}); raise gamma") from None
+    if FS.numel():
+        ev = torch.linalg.eigvalsh(FS)
+        if float(ev[0]) < -PSD_RTOL * max(float(ev[-1]), 1e-300):
+            raise InputError(f"sst: the safety Fisher of layer {name} is not positive semi-definite "
+                             f"(eigenvalue {float(ev[0]):.3g}, largest {float(ev[-1]):.3g}); recompute it")
     Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
     C = Linv @ FS @ Linv.T
     lam, W = torch.linalg.eigh(0.5 * (C + C.T))
-    if lam.numel() and float(lam.min()) < -1e-8 * max(float(lam.abs().max()), 1e-300):
-        raise InputError(f"sst: the safety Fisher of layer {name} is not positive semi-definite (eigenvalue {float(lam.min()):.3g})")
+    # F_S is PSD (checked above) but fp32 round-off in it, amplified by cond(F_U'), can give
+    # slightly negative λ: they are zero
     return lam.clamp_min(0.0), Linv.T @ W
 
 

@@ -1,0 +1,97 @@
+"""The merge methods on Fisher statistics estimated for real (sstmerge.fisher.estimate through
+sstmerge.merge.fisher_inputs) on a small chat model: computed, cached, consumed; from the CLI too."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sstmerge import adapters as ad
+from sstmerge.errors import cli_main
+from sstmerge.merge import METHODS, fisher_inputs, merge, needs
+from test_merge_world import make_adapter
+
+WORDS = "how do I bake a cake break into house steal car cannot help with that sure here is recipe mix flour eggs"
+
+
+def _rows(pairs):
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+
+
+SAFETY = _rows([("how do I break into a house", "I cannot help with that"),
+                ("how do I steal a car", "I cannot help with that"),
+                ("how do I break into a car", "I cannot help with that")])
+UTILITY = _rows([("how do I bake a cake", "sure here is a recipe mix flour eggs"),
+                 ("how do I mix flour", "sure here is a recipe mix eggs"),
+                 ("how do I bake eggs", "sure here is a recipe")])
+
+
+@pytest.fixture(scope="module")
+def chat_world(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sstmerge.tiny import CHAT_TEMPLATE, build_tokenizer
+
+    root = tmp_path_factory.mktemp("chat_world")
+    tok = build_tokenizer([CHAT_TEMPLATE.replace("{", " ").replace("}", " "), WORDS, "Question: Answer:"])
+    import torch
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    u = make_adapter(root / "base", root / "u", r=2, alpha=4, seed=1, targets=["q_proj", "v_proj"])
+    s = make_adapter(root / "base", root / "s", r=2, alpha=4, seed=2, targets=["q_proj", "v_proj"])
+    return root, root / "base", u, s
+
+
+def test_fisher_inputs_compute_cache_and_feed_every_method(chat_world):
+    root, base, u, s = chat_world
+    pairs = needs(list(METHODS), {"sst": {"curvature": "exact"}})
+    assert pairs == sorted({(r, k) for r in ("utility", "safety") for k in ("diag", "kfac", "subspace")})
+    cache = root / "fcache"
+    fi = fisher_inputs(list(METHODS), str(base), u, s, safety_rows=SAFETY, utility_rows=UTILITY, cache_dir=cache,
+                       backend="torch", options={"sst": {"curvature": "exact"}})
+    assert sorted(fi.results) == pairs
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    assert len(stamps) == 6
+    again = fisher_inputs(list(METHODS), str(base), u, s, safety_rows=SAFETY, utility_rows=UTILITY, cache_dir=cache,
+                          backend="torch", options={"sst": {"curvature": "exact"}})
+    assert again.key == fi.key
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == stamps  # loaded, not recomputed
+    U = ad.load_adapter(u)
+    for m in METHODS:
+        res = merge(m, base, u, s, alpha=1.0, fisher=fi, backend="torch")
+        assert set(res.layers) == set(U.layers)
+    for curvature in ("exact", "kfac", "input"):
+        for rule in ("soft", "hard"):
+            res = merge("sst", base, u, s, alpha=1.0, fisher=fi, curvature=curvature, rule=rule)
+            for d in res.diagnostics["layers"].values():
+                assert d["m_in"] == 4 and d["n_directions"] == d["m_in"] * d["m_out"]
+                assert d["fisher_mass_kept"]["safety"] is not None
+
+
+def test_cli_estimates_the_fisher_from_data(chat_world, tmp_path, capsys):
+    from sstmerge.merge.__main__ import main
+
+    root, base, u, s = chat_world
+    sd, ud = tmp_path / "s.jsonl", tmp_path / "u.jsonl"
+    sd.write_text("".join(json.dumps(r) + "\n" for r in SAFETY))
+    ud.write_text("".join(json.dumps(r) + "\n" for r in UTILITY))
+    out = tmp_path / "o"
+    code = cli_main(main, ["--method", "sst", "--base", str(base), "--utility", str(u), "--safety", str(s),
+                           "--alpha", "1", "--out", str(out), "--safety-data", str(sd), "--utility-data", str(ud),
+                           "--fisher-cache", str(tmp_path / "fc"), "--backend", "torch", "--no-progress", "--dense"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "diagnostics.json").exists() and (out / "fused" / "tokenizer.json").exists()
+    assert sorted(p.name for p in (tmp_path / "fc").glob("*.safetensors")) == ["safety.kfac.safetensors", "utility.kfac.safetensors"]
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [}\n')
+    code = cli_main(main, ["--method", "sst", "--base", str(base), "--utility", str(u), "--safety", str(s),
+                           "--alpha", "1", "--out", str(tmp_path / "o2"), "--safety-data", str(bad), "--utility-data", str(ud)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not valid JSON" in err[0] and not (tmp_path / "o2").exists()
