@@ -346,3 +346,25 @@ def test_sst_kfac_and_topk_run_and_rank_option_truncates(world):
     res = merge("sst", world.base, world.utility, world.safety, alpha=1.0, fisher=world.fisher, rank=3)
     for name, d in res.diagnostics["layers"].items():
         assert res.layers[name].rank == 3 and d["kept_rank"] == 3 and d["residual_rel"] > 0
+
+
+def test_sst_kfac_soft_is_the_kronecker_fisher_weighted_solution(world):
+    """rule=soft with curvature=kfac minimises the quadratic with F_U' = (G_U+g_G)⊗(A_U+g_A), F_S = G_S⊗A_S."""
+    U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
+    alpha = 0.8
+    res = merge("sst", world.base, world.utility, world.safety, alpha=alpha, fisher=world.fisher, curvature="kfac",
+                rule="soft", gamma=1e-3)
+    for name in list(U.layers)[:3]:
+        qi, qo = ad.joint_layer(U.layers[name], S.layers[name])
+        qi, qo = qi.double(), qo.double()
+        t = {r: world.fisher[(r, "kfac")].tensors for r in ("utility", "safety")}
+        AU, GU = t["utility"][f"{name}.A"].double(), t["utility"][f"{name}.G"].double()
+        AS, GS = t["safety"][f"{name}.A"].double(), t["safety"][f"{name}.G"].double()
+        AUd = AU + 1e-3 * torch.trace(AU) / AU.shape[0] * torch.eye(AU.shape[0], dtype=AU.dtype)
+        GUd = GU + 1e-3 * torch.trace(GU) / GU.shape[0] * torch.eye(GU.shape[0], dtype=GU.dtype)
+        FUd, FS = torch.kron(GUd, AUd), torch.kron(GS, AS)
+        cU = (qo.T @ U.layers[name].delta().double() @ qi).reshape(-1)
+        cS = (qo.T @ S.layers[name].delta().double() @ qi).reshape(-1)
+        c = torch.linalg.solve(FUd + alpha * FS, FUd @ cU + alpha * FS @ cS)
+        want = qo @ c.reshape(qo.shape[1], qi.shape[1]) @ qi.T
+        assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max()
