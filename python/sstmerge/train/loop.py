@@ -1,0 +1,118 @@
+"""The optimisation loop shared by LoRA training and the tiny model's pretraining.
+
+AdamW on the trainable parameters, linear warm-up then cosine decay to 10 % of ``lr``, gradient
+clipping at 1.0, batches cycled epoch after epoch (reshuffled per epoch from ``seed``). Seeded: the
+same inputs and seed give the same parameters on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from ..errors import InputError
+
+
+def _schedule(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def run_steps(model: torch.nn.Module, make_epoch: Callable[[int], Iterator[Mapping[str, torch.Tensor]]], *,
+              steps: int, lr: float, weight_decay: float = 0.0, warmup: int | None = None,
+              device: torch.device | None = None, desc: str = "train", progress: bool = True,
+              autocast_dtype: torch.dtype | None = None) -> list[float]:
+    """Run ``steps`` optimiser steps over batches from ``make_epoch(epoch)``; return the losses.
+
+    A non-finite loss stops training with an error (no silent skipping).
+    """
+    from tqdm.auto import tqdm
+
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("the model has no trainable parameters")
+    device = device or next(model.parameters()).device
+    warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
+    model.train()
+    losses: list[float] = []
+    epoch, it = 0, make_epoch(0)
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    try:
+        while len(losses) < steps:
+            batch = next(it, None)
+            if batch is None:
+                epoch += 1
+                it = make_epoch(epoch)
+                batch = next(it, None)
+                if batch is None:
+                    raise InputError("the training data yields no batches")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{desc}: non-finite loss {loss.item()} at step {len(losses)}; lower lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            if len(losses) % 10 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
+    finally:
+        bar.close()
+    model.eval()
+    return losses
+
+
+def pretrain_causal_lm(model: torch.nn.Module, tokenizer, docs: Sequence[Mapping], *, steps: int, lr: float,
+                       seed: int, batch_size: int, max_length: int = 256, weight_decay: float = 0.01,
+                       progress: bool = True) -> list[float]:
+    """Train all parameters of ``model`` as a language model on ``docs``; return the losses.
+
+    A document is ``{"text": str}`` (every token counts; no special tokens added) or
+    ``{"messages": [...]}`` (rendered with the chat template, every token counts). Padding does not.
+    """
+    from ..data.batches import IGNORE
+
+    encoded = []
+    for i, d in enumerate(docs):
+        if "text" in d:
+            text = d["text"]
+        elif "messages" in d:
+            text = tokenizer.apply_chat_template(list(d["messages"]), tokenize=False)
+        else:
+            raise InputError(f"pretraining document {i} has neither 'text' nor 'messages'")
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_length]
+        if len(ids) >= 2:
+            encoded.append(ids)
+    if not encoded:
+        raise InputError("no pretraining documents with at least two tokens")
+    pad = tokenizer.pad_token_id
+
+    def make_epoch(epoch: int):
+        order = list(range(len(encoded)))
+        random.Random(seed * 1000003 + epoch).shuffle(order)
+        for s in range(0, len(order), batch_size):
+            rows = [encoded[i] for i in order[s:s + batch_size]]
+            n = max(map(len, rows))
+            ids = torch.full((len(rows), n), pad, dtype=torch.long)
+            att = torch.zeros((len(rows), n), dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, :len(r)] = torch.tensor(r)
+                att[j, :len(r)] = 1
+            yield {"input_ids": ids, "attention_mask": att, "labels": ids.masked_fill(att == 0, IGNORE)}
+
+    torch.manual_seed(seed)
+    return run_steps(model, make_epoch, steps=steps, lr=lr, weight_decay=weight_decay, desc="pretrain",
+                     progress=progress)
