@@ -44,11 +44,15 @@ def _param_fingerprint(h, name: str, p: torch.Tensor, full: bool) -> None:
     h.update(tensor_bytes(flat[idx]))
 
 
-def model_hash(model: nn.Module) -> tuple[str, str, str]:
-    """(model hash, config hash, adapter description) of a transformers / peft model."""
+def _is_adapter(name: str, p: torch.Tensor) -> bool:
+    return p.requires_grad or "lora_" in name
+
+
+def describe(model: nn.Module) -> dict[str, str]:
+    """Cheap provenance: class, config hash, active peft adapter configs, and the sha256 of every
+    adapter (LoRA / trainable) parameter's bytes."""
     cfg = getattr(model, "config", None)
     cfg_json = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else repr(cfg)
-    cfg_hash = hashlib.sha256(cfg_json.encode()).hexdigest()
     adapter = ""
     peft_cfg = getattr(model, "peft_config", None)
     if isinstance(peft_cfg, dict):
@@ -57,12 +61,24 @@ def model_hash(model: nn.Module) -> tuple[str, str, str]:
             {a: peft_cfg[a].to_dict() for a in active if a in peft_cfg}, sort_keys=True, default=str
         )
     h = hashlib.sha256()
-    h.update(type(model).__name__.encode())
-    h.update(cfg_hash.encode())
-    h.update(adapter.encode())
     for name, p in model.named_parameters():
-        _param_fingerprint(h, name, p, full=p.requires_grad or "lora_" in name)
-    return h.hexdigest(), cfg_hash, adapter
+        if _is_adapter(name, p):
+            _param_fingerprint(h, name, p, full=True)
+    return {
+        "model_class": type(model).__name__,
+        "config_hash": hashlib.sha256(cfg_json.encode()).hexdigest(),
+        "adapter": adapter,
+        "adapter_hash": h.hexdigest(),
+    }
+
+
+def model_hash(model: nn.Module, desc: dict[str, str]) -> str:
+    """Fingerprint of the whole model (``desc`` from :func:`describe` plus every parameter)."""
+    h = hashlib.sha256(json.dumps(desc, sort_keys=True).encode())
+    for name, p in model.named_parameters():
+        if not _is_adapter(name, p):
+            _param_fingerprint(h, name, p, full=False)
+    return h.hexdigest()
 
 
 def key(model_h: str, data_h: str, options: dict) -> str:

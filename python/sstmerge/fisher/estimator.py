@@ -357,8 +357,8 @@ def estimate(
     }
     accepts_pos = _accepts_position_ids(model)
 
-    model_h = cfg_h = adapter = None
-    entry = None
+    desc = _cache.describe(model)
+    model_h = entry = None
     if cache_dir is not None:
         batches = list(batches)
         h = hashlib.sha256()
@@ -366,7 +366,7 @@ def estimate(
             kw, _, labels = _prepare(b, i, "cpu", accepts_pos)
             _batch_hash(h, kw, labels)
         data_h = dist.combine_hashes(h.hexdigest())
-        model_h, cfg_h, adapter = _cache.model_hash(model)
+        model_h = _cache.model_hash(model, desc)
         entry = _cache.path_for(cache_dir, _cache.key(model_h, data_h, options))
         hit = _cache.load(entry)
         if dist.all_true(hit is not None, device):
@@ -392,15 +392,10 @@ def estimate(
 
     tensors = {k: v.detach().to("cpu", torch.float32) for k, v in plan.acc.items()}
     tensors.update({k: v.clone() for k, v in plan.extra.items()})
-    if model_h is None:
-        model_h, cfg_h, adapter = _cache.model_hash(model)
     cfg = getattr(model, "config", None)
     out_meta = {
         "model": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
-        "model_class": type(model).__name__,
-        "model_hash": model_h,
-        "config_hash": cfg_h,
-        "adapter": adapter,
+        **desc,
         "data_hash": dist.combine_hashes(data_h_local),
         "options": json.dumps(options, sort_keys=True),
         "n_samples": str(n_samples),
@@ -418,6 +413,7 @@ def estimate(
     out_meta.update(dict(meta or {}))
     result = FisherResult(kind, tensors, out_meta)
     if entry is not None:
+        result.meta["model_hash"] = model_h
         if dist.rank() == 0:
             result.save(entry)
         result.meta["cache"] = f"miss {entry}"
@@ -483,8 +479,9 @@ def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos
                 del logits, outs
                 cap.clear()
     finally:
-        for m, t in flags.items():
-            m.train(t)
+        for m, t in flags.items():  # per module, not m.train(t): that recurses into the children
+            if m.training != t:
+                m.training = t
         bar.close()
     return [n_samples, n_tokens, n_real], h.hexdigest()
 
