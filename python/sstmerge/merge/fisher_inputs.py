@@ -2,7 +2,9 @@
 layer's block in the basis a method works in.
 
 Roles: ``utility`` is taken on the utility data at base + utility adapter, ``safety`` on the safety
-data at base + safety adapter (each adapter's own data and model, as in DESIGN.md §7).
+data at base + safety adapter (each adapter's own data and model, as in DESIGN.md §7). Data rows are
+chat rows (``{"messages": [...]}``, assistant tokens labelled) or MMLU rows (the answer letter
+labelled), one kind per role (:func:`sstmerge.data.batches.training_batches`).
 
 Kinds (see :mod:`sstmerge.fisher`):
   * ``diag``      diagonal Fisher of each target layer's base weight [O, I] (target="linear"):
@@ -291,14 +293,14 @@ def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_
 def _estimate(base, adapter_dir, rows, kind, subspaces, *, backend, seed, progress, batch_size, fisher, desc):
     from peft import PeftModel
 
-    from ..data.batches import chat_batches
+    from ..data.batches import training_batches
     from ..fisher import estimate
     from ..models import load_model
 
     model, tok = load_model(base)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
-    batches = chat_batches(tok, rows, batch_size)
+    batches = list(training_batches(tok, rows, batch_size))  # chat rows or MMLU rows (answer letter labelled)
     kw = dict(kind=kind, target="linear" if kind == "diag" else "lora", fisher=fisher)
     if kind in ("subspace", "kfac"):
         kw["subspaces"] = subspaces
