@@ -3,7 +3,8 @@ against one plain batched forward+backward (the gradient of the summed loss w.r.
 the work any estimator must at least do) as the limit.
 
 Problem: F = sum_b g_b * g_b, g_b the per-sample gradient of sample b's summed token loss w.r.t. the
-LoRA weights (r=8 on q_proj, v_proj). Full mode: the tiny-world size of DESIGN.md section 7, a
+LoRA weights (r=8 on q_proj, v_proj; target="lora"), and in a second group w.r.t. the base weights
+of those layers (target="linear", what the merge layer asks for). Full mode: the tiny-world size of DESIGN.md section 7, a
 4-layer d=128 random Llama, B=32 sequences of T=64 tokens in batches of 16; quick mode: 2 layers,
 d=64, B=16, T=32 in batches of 8. Equal lengths, so torch.func.vmap runs the same problem without
 a padding mask (exactness with padding is tests/test_fisher.py's job).
@@ -11,7 +12,9 @@ a padding mask (exactness with padding is tests/test_fisher.py's job).
   fwd_bwd_limit    one batched forward + torch.autograd.grad per batch (no Fisher)
   estimate_cpp     sstmerge.fisher.estimate(kind="diag", backend="cpp"): hooks + diag_fisher_linear
   estimate_torch   the same with the torch reference ops
-  torch_func_vmap  vmap(grad(loss)) per batch (per-sample LoRA gradients materialised), square, sum
+  torch_func_vmap  vmap(grad(loss)) per batch (per-sample LoRA gradients materialised), square, sum;
+                   the model as a user has it (sdpa attention, which has no vmap batching rule in
+                   torch 2.13 and runs through the slow per-sample fallback)
   per_sample_loop  one sample at a time: forward, autograd.grad, square, add
 
 Every candidate's Fisher is checked against the per-sample loop before it is timed.
@@ -74,22 +77,49 @@ def _loss(model, ids, labels):
                            ignore_index=-100, reduction="sum")
 
 
-def _lora(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+def _params(model, target):
+    """The parameters whose diagonal Fisher is estimated: the LoRA factors, or the base weights of
+    the LoRA-wrapped layers (what the merge layer asks for)."""
+    if target == "lora":
+        return {n: p for n, p in model.named_parameters() if "lora_" in n}
+    return {n: p for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
 
 
-def run_fwd_bwd(model, batches):
-    ps = list(_lora(model).values())
-    for bt in batches:
-        torch.autograd.grad(_loss(model, bt["input_ids"], bt["labels"]), ps)
+class _grad_on:
+    """requires_grad on the target parameters for the duration (peft freezes the base weights)."""
+
+    def __init__(self, params):
+        self.params = list(params.values())
+
+    def __enter__(self):
+        self.old = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def __exit__(self, *exc):
+        for p, r in zip(self.params, self.old):
+            p.requires_grad_(r)
 
 
-def run_estimate(model, batches, backend="cpp"):
-    return estimate(model, batches, kind="diag", backend=backend, progress=False).tensors
+def run_fwd_bwd(model, batches, target):
+    lora = _params(model, target)
+    ps = list(lora.values())
+    with _grad_on(lora):
+        for bt in batches:
+            torch.autograd.grad(_loss(model, bt["input_ids"], bt["labels"]), ps)
 
 
-def run_loop(model, batches):
-    lora = _lora(model)
+def run_estimate(model, batches, target, backend="cpp"):
+    return estimate(model, batches, kind="diag", target=target, backend=backend, progress=False).tensors
+
+
+def run_loop(model, batches, target):
+    lora = _params(model, target)
+    with _grad_on(lora):
+        return _loop(model, batches, lora)
+
+
+def _loop(model, batches, lora):
     acc = {n: torch.zeros_like(p) for n, p in lora.items()}
     for bt in batches:
         for b in range(bt["input_ids"].shape[0]):
@@ -99,11 +129,11 @@ def run_loop(model, batches):
     return acc
 
 
-def run_vmap(model, batches):
+def run_vmap(model, batches, target):
     from torch.func import functional_call, grad, vmap
 
-    lora = {n: p.detach() for n, p in _lora(model).items()}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach() for n, p in _params(model, target).items()}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in lora}
     frozen.update(dict(model.named_buffers()))
 
     def loss(params, ids, labels):
@@ -121,22 +151,22 @@ def run_vmap(model, batches):
 
 RUNNERS = {
     "fwd_bwd_limit": run_fwd_bwd,
-    "estimate_cpp": lambda m, b: run_estimate(m, b, "cpp"),
-    "estimate_torch": lambda m, b: run_estimate(m, b, "torch"),
+    "estimate_cpp": lambda m, b, t: run_estimate(m, b, t, "cpp"),
+    "estimate_torch": lambda m, b, t: run_estimate(m, b, t, "torch"),
     "torch_func_vmap": run_vmap,
     "per_sample_loop": run_loop,
 }
 
 
-@pytest.fixture(scope="module")
-def problem(mode):
+@pytest.fixture(scope="module", params=["lora", "linear"])
+def problem(mode, request):
     if not backends()["cpp"].usable:
         pytest.skip(f"cpp backend not usable: {backends()['cpp'].reason}")
-    s = _size(mode)
+    s = dict(_size(mode), target=request.param)
     model, batches = _model(s["d"], s["layers"]), _batches(s["B"], s["T"], s["MB"])
-    ref = run_loop(model, batches)
+    ref = run_loop(model, batches, s["target"])
     for name in ("estimate_cpp", "estimate_torch", "torch_func_vmap"):
-        got = RUNNERS[name](model, batches)
+        got = RUNNERS[name](model, batches, s["target"])
         assert got.keys() == ref.keys(), name
         for k in ref:
             assert_agree(f"{name} {k}", got[k], ref[k])
@@ -144,28 +174,29 @@ def problem(mode):
 
 
 def _group(s):
-    return f"fisher diag LoRA tiny-llama d{s['d']} L{s['layers']} B{s['B']} T{s['T']} fp32"
+    what = "LoRA factors" if s["target"] == "lora" else "base weights"
+    return f"fisher diag {what} (q,v) tiny-llama d{s['d']} L{s['layers']} B{s['B']} T{s['T']} fp32"
 
 
 @pytest.mark.parametrize("name", CANDIDATES)
 def bench_fisher_diag(benchmark, mode, problem, name):
     model, batches, s = problem
     role = {"fwd_bwd_limit": "limit", "estimate_cpp": "cpp", "estimate_torch": "reference"}.get(name, "peer")
-    run(benchmark, lambda: RUNNERS[name](model, batches), mode, group=_group(s), role=role,
+    run(benchmark, lambda: RUNNERS[name](model, batches, s["target"]), mode, group=_group(s), role=role,
         dtype=torch.float32, shape=(s["B"], s["T"], s["d"], s["layers"]))
 
 
 def bench_fisher_diag_speedup(mode, problem):
     """The DESIGN.md section 8 target, asserted on interleaved medians (and reported with minima)."""
     model, batches, s = problem
-    names = ["estimate_cpp", "torch_func_vmap", "per_sample_loop"]
+    names = ["fwd_bwd_limit", "estimate_cpp", "torch_func_vmap", "per_sample_loop"]
     for n in names:
-        RUNNERS[n](model, batches)  # warm-up
+        RUNNERS[n](model, batches, s["target"])  # warm-up
     ts = {n: [] for n in names}
     for _ in range(max(3, mode.rounds // 3)):
         for n in names:
             t0 = time.perf_counter()
-            RUNNERS[n](model, batches)
+            RUNNERS[n](model, batches, s["target"])
             ts[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) for n, v in ts.items()}
     mn = {n: min(v) for n, v in ts.items()}
