@@ -361,6 +361,10 @@ def test_bad_options_raise(model, batches):
                  subspaces={"model.layers.0.mlp.up_proj": (_orth(32, 2, 0), _orth(64, 2, 0))})
     with pytest.raises(InputError, match="labels"):
         estimate(model, [{"input_ids": batches[0]["input_ids"]}], backend="torch", progress=False)
+    with torch.inference_mode(), pytest.raises(InputError, match="inference_mode"):
+        estimate(model, batches, backend="torch", progress=False)
+    with torch.no_grad():  # a caller's no_grad does not matter: the estimator enables grad itself
+        assert estimate(model, batches, backend="torch", progress=False).tensors
 
 
 # ----------------------------------------------------------------------------- files and cache

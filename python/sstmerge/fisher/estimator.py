@@ -341,6 +341,8 @@ def estimate(
     missing target layers, empty data, and (as NonFiniteError) a NaN/Inf gradient or input.
     """
     _check_options(kind, target, fisher, samples, reduction, sketch_dim, subspaces, meta)
+    if torch.is_inference_mode_enabled():
+        raise InputError("estimate needs autograd: call it outside torch.inference_mode()")
     device = _model_device(model)
     layers = find_layers(model, target, target_modules)
     subs = _check_subspaces(subspaces, layers) if subspaces else {}
