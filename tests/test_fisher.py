@@ -361,6 +361,12 @@ def test_bad_options_raise(model, batches):
                  subspaces={"model.layers.0.mlp.up_proj": (_orth(32, 2, 0), _orth(64, 2, 0))})
     with pytest.raises(InputError, match="labels"):
         estimate(model, [{"input_ids": batches[0]["input_ids"]}], backend="torch", progress=False)
+    bad = dict(batches[0], labels=batches[0]["labels"].masked_fill(batches[0]["labels"] >= 0, VOCAB + 3))
+    with pytest.raises(InputError, match=r"batch 0: labels must be -100 or token ids in \[0, 97\)"):
+        estimate(model, [bad], backend="torch", progress=False)
+    with pytest.raises(InputError, match=r"batch 1: input_ids must be in \[0, 97\)"):
+        estimate(model, [batches[0], dict(batches[1], input_ids=batches[1]["input_ids"] + VOCAB)],
+                 backend="torch", progress=False)
     with torch.inference_mode(), pytest.raises(InputError, match="inference_mode"):
         estimate(model, batches, backend="torch", progress=False)
     with torch.no_grad():  # a caller's no_grad does not matter: the estimator enables grad itself

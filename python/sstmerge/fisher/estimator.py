@@ -441,6 +441,7 @@ def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos
     if fisher == "true":
         gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * dist.rank())
     draws = samples if fisher == "true" else 1
+    n_vocab = model.get_input_embeddings().num_embeddings
     flags = {m: m.training for m in model.modules()}
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = tqdm(batches, total=total, disable=not progress or dist.rank() != 0,
@@ -451,6 +452,10 @@ def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos
             for bi, batch in enumerate(bar):
                 kw, am, labels = _prepare(batch, bi, device, accepts_pos)
                 _batch_hash(h, kw, labels)
+                ids = kw["input_ids"]
+                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n_vocab):
+                    raise InputError(f"batch {bi}: input_ids must be in [0, {n_vocab}) (the model's "
+                                     f"vocabulary), got {int(ids.min())}..{int(ids.max())}")
                 counted = labels[:, 1:] != IGNORE
                 n_samples += labels.shape[0]
                 n_tokens += int(counted.sum())
@@ -473,6 +478,9 @@ def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos
                             del probs
                     else:
                         y = labels[:, 1:][counted]
+                        if int(y.min()) < 0 or int(y.max()) >= logits.shape[-1]:
+                            raise InputError(f"batch {bi}: labels must be -100 or token ids in "
+                                             f"[0, {logits.shape[-1]}), got {int(y.min())}..{int(y.max())}")
                     loss = F.cross_entropy(logits.float(), y, reduction="sum")
                     grads = torch.autograd.grad(loss, outs, retain_graph=k < draws - 1,
                                                 allow_unused=True)
