@@ -38,16 +38,18 @@ enum Epi { kAdd = 0, kStore = 1, kSquareAdd = 2 };
 
 // acc[MR x NR] = sum_{k<K} A[k, :]^T B[k, :] with A packed as K x MR and B as K x NR (64-byte
 // aligned, zero-padded); then C[:mr, :nr] = acc / += acc / += acc * acc.
+// pf[0, npf): cache lines to prefetch into L2 while computing, one every 4 k (the caller spreads the
+// lines the next packing step will read over the calls, so that memory latency overlaps compute).
 template <int EPI>
 static inline void micro(int64_t K, const float* __restrict A, const float* __restrict B, float* C,
-                         int64_t ldc, int mr, int nr) {
+                         int64_t ldc, int mr, int nr, const char* const* pf = nullptr,
+                         int64_t npf = 0) {
   vf acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) acc[i][j] = vf{};
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < K; ++k) {
+  auto step = [&](int64_t k) __attribute__((always_inline)) {
     vf b[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) b[j] = *reinterpret_cast<const vf*>(B + k * NR + j * VW);
@@ -58,7 +60,23 @@ static inline void micro(int64_t K, const float* __restrict A, const float* __re
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[i][j] += ai * b[j];
     }
+  };
+  if (EPI != kStore && mr == MR && nr == NR) {  // the C tile is read after the K loop: fetch it now
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(C + i * ldc + j * VW, 1, 3);
   }
+  int64_t k = 0, ip = 0;
+  for (; k + 4 <= K; k += 4) {
+    if (ip < npf) __builtin_prefetch(pf[ip++], 0, 2);
+    step(k);
+    step(k + 1);
+    step(k + 2);
+    step(k + 3);
+  }
+  for (; k < K; ++k) step(k);
+  for (; ip < npf; ++ip) __builtin_prefetch(pf[ip], 0, 2);
   if (mr == MR && nr == NR) {
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i)

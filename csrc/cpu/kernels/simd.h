@@ -37,6 +37,21 @@ typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  // unaligned access
 typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+typedef uint16_t vhu __attribute__((vector_size(VW * 2), aligned(2), may_alias));
+
+// bf16 <-> fp32 on whole vectors: the same bit operations as numeric.h's scalar versions.
+static inline vf bf16v_to_f32(const uint16_t* p) {
+  vu u = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+  return reinterpret_cast<vf&>(u);
+}
+static inline void f32_to_bf16v(uint16_t* p, vf v) {
+  const vu u = reinterpret_cast<vu&>(v);
+  const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu q = (u >> 16) | 0x40u;
+  const vu res = ((u & 0x7fffffffu) > 0x7f800000u) ? q : r;  // NaN stays a quiet NaN
+  *reinterpret_cast<vhu*>(p) = __builtin_convertvector(res, vh);
+}
 
 static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
@@ -54,6 +69,44 @@ static inline vf vbcast(float s) {
 #endif
 }
 
+// One vector of VW contiguous elements of dtype DT as fp32, and back (rounding once, nearest even).
+template <int DT>
+static inline vf loadv(const void* base, int64_t i) {
+  if constexpr (DT == kFloat32) {
+    return vload(static_cast<const float*>(base) + i);
+  } else if constexpr (DT == kBFloat16) {
+    return bf16v_to_f32(static_cast<const uint16_t*>(base) + i);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(base) + i;
+#if defined(SSTM_ISA_avx512)
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(SSTM_ISA_avx2)
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    vf r;
+    for (int l = 0; l < VW; ++l) r[l] = f16_to_f32(p[l]);
+    return r;
+#endif
+  }
+}
+template <int DT>
+static inline void storev(void* base, int64_t i, vf v) {
+  if constexpr (DT == kFloat32) {
+    vstore(static_cast<float*>(base) + i, v);
+  } else if constexpr (DT == kBFloat16) {
+    f32_to_bf16v(static_cast<uint16_t*>(base) + i, v);
+  } else {
+    uint16_t* p = static_cast<uint16_t*>(base) + i;
+#if defined(SSTM_ISA_avx512)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(SSTM_ISA_avx2)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+    for (int l = 0; l < VW; ++l) p[l] = f32_to_f16(v[l]);
+#endif
+  }
+}
+
 // ---- dtype conversion of contiguous runs (vectorised; bit-identical to numeric.h's scalars) ----
 
 // dst[j] = w * src[j] for j < n, src contiguous of dtype DT.
@@ -64,7 +117,10 @@ static inline void load_run(float* __restrict dst, const void* __restrict src, i
     for (int64_t j = 0; j < n; ++j) dst[j] = w * s[j];
   } else if constexpr (DT == kBFloat16) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t j = 0; j < n; ++j) dst[j] = w * bits_f32(uint32_t(s[j]) << 16);
+    int64_t j = 0;
+    const vf wv = vbcast(w);
+    for (; j + VW <= n; j += VW) vstore(dst + j, wv * bf16v_to_f32(s + j));
+    for (; j < n; ++j) dst[j] = w * bits_f32(uint32_t(s[j]) << 16);
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src);
     int64_t j = 0;
@@ -121,13 +177,9 @@ static inline void store_strided(void* dst, int dt, int64_t s, const float* __re
   uint16_t* d = static_cast<uint16_t*>(dst);
   if (dt == kBFloat16) {
     if (s == 1) {
-      // numeric.h's f32_to_bf16, written branch-free so that it vectorises.
-      for (int64_t j = 0; j < n; ++j) {
-        uint32_t u = f32_bits(src[j]);
-        uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-        uint32_t q = (u >> 16) | 0x40u;
-        d[j] = uint16_t(((u & 0x7fffffffu) > 0x7f800000u) ? q : r);
-      }
+      int64_t j = 0;
+      for (; j + VW <= n; j += VW) f32_to_bf16v(d + j, vload(src + j));
+      for (; j < n; ++j) d[j] = f32_to_bf16(src[j]);
     } else {
       for (int64_t j = 0; j < n; ++j) d[j * s] = f32_to_bf16(src[j]);
     }
