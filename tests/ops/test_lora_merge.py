@@ -162,3 +162,23 @@ def test_requires_grad_refused(backend):
     w = torch.randn(4, 5, requires_grad=True)
     with pytest.raises(ValueError, match="no_grad"):
         ops.lora_merge_(w, torch.randn(4, 1), torch.randn(1, 5), backend=backend)
+
+
+@pytest.mark.parametrize("isa", runnable_isas())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_rounding_special_values(isa, dtype):
+    """Exact fp32 sums (k=1, power-of-two factors) rounded once must equal torch's rounding bit for
+    bit, also for subnormal results, NaN and inf (the AVX512-BF16 fast path sends vectors with
+    subnormal or NaN lanes to the software rounding)."""
+    gen = torch.Generator().manual_seed(9)
+    O, I = 37, 300
+    w32 = torch.randn(O, I, generator=gen) * torch.tensor(2.0).pow(torch.randint(-140, 5, (O, I), generator=gen))
+    w32[0, :7] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -3e-39])
+    w = w32.to(dtype)
+    b = torch.tensor(2.0).pow(torch.randint(-70, 0, (O, 1), generator=gen)).float()
+    a = torch.tensor(2.0).pow(torch.randint(-70, 0, (1, I), generator=gen)).float()
+    a[0, 5:9] = -a[0, 5:9]
+    expect = (w.float() + 0.5 * (b @ a)).to(dtype)  # the fp32 sum is exact up to one rounding
+    _cpp.lora_merge_(w, b, a, 0.5, isa=isa)
+    same = (w.view(torch.int16) == expect.view(torch.int16)) | (w.isnan() & expect.isnan())
+    assert same.all(), f"{int((~same).sum())} elements differ from torch's rounding"

@@ -311,7 +311,7 @@ namespace {
 // tile, acc = b_rows @ a_cols over k in fp32, then w = round(w + scale * acc) straight from and
 // to memory (one read, one write per element).
 // `ap` is a packed as panels of LM_PW columns (k x LM_PW contiguous each), `af` plain [k, I].
-template <int RB, int DT>
+template <int RB, int DT, bool HW>
 void lora_rows_direct(void* wp, int64_t ws0, int64_t r0, int64_t I, int64_t k, const float* brow,
                       const float* apk, const float* af, float scale) {
   const vf sv = vbcast(scale);
@@ -339,7 +339,7 @@ void lora_rows_direct(void* wp, int64_t ws0, int64_t r0, int64_t I, int64_t k, c
 #pragma GCC unroll 4
       for (int j = 0; j < LM_CV; ++j) {
         const int64_t off = (r0 + i) * ws0 + c + j * VW;
-        storev<DT>(wp, off, loadv<DT>(wp, off) + sv * acc[i][j]);
+        storev<DT, HW>(wp, off, loadv<DT>(wp, off) + sv * acc[i][j]);
       }
   }
   for (int i = 0; i < RB; ++i)
@@ -351,19 +351,19 @@ void lora_rows_direct(void* wp, int64_t ws0, int64_t r0, int64_t I, int64_t k, c
     }
 }
 
-template <int DT>
+template <int DT, bool HW = false>
 void lora_direct(const Tensor& w, int64_t k, const float* bf, const float* apk, const float* af,
                  float scale) {
   const int64_t O = w.size[0], I = w.size[1], nrb = O / LM_RD;
   void* wp = const_cast<void*>(w.ptr);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
   for (int64_t rb = 0; rb <= nrb; ++rb) {
     if (rb < nrb) {
-      lora_rows_direct<LM_RD, DT>(wp, w.stride[0], rb * LM_RD, I, k, bf + rb * LM_RD * k, apk, af,
+      lora_rows_direct<LM_RD, DT, HW>(wp, w.stride[0], rb * LM_RD, I, k, bf + rb * LM_RD * k, apk, af,
                                   scale);
     } else {
       for (int64_t r = nrb * LM_RD; r < O; ++r)
-        lora_rows_direct<1, DT>(wp, w.stride[0], r, I, k, bf + r * k, apk, af, scale);
+        lora_rows_direct<1, DT, HW>(wp, w.stride[0], r, I, k, bf + r * k, apk, af, scale);
     }
   }
 }
@@ -374,24 +374,28 @@ void lora_merge(const Tensor& w, const Tensor& b, const Tensor& a, float scale, 
   if (O == 0 || I == 0) return;
   const int nt = std::max(1, nthreads);
   Buf af(k * I), bf(O * k), apk(w.stride[1] == 1 ? k * (I / LM_PW) * LM_PW : 1);
+  // The factors as fp32 (O(k * (O + I)), microseconds): in the calling thread, so the parallel
+  // region below has no barrier but its end (each barrier costs a time slice on a busy machine).
+  for (int64_t r = 0; r < k; ++r)
+    load_strided(af.p + r * I, elem(a.ptr, a.dt, r * a.stride[0]), a.dt, a.stride[1], I, 1.0f);
+  for (int64_t o = 0; o < O; ++o)
+    load_strided(bf.p + o * k, elem(b.ptr, b.dt, o * b.stride[0]), b.dt, b.stride[1], k, 1.0f);
+  if (w.stride[1] == 1)
+    for (int64_t pc = 0; pc < I / LM_PW; ++pc)
+      for (int64_t kk = 0; kk < k; ++kk)
+        memcpy(apk.p + (pc * k + kk) * LM_PW, af.p + kk * I + pc * LM_PW, LM_PW * 4);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < k; ++r)
-      load_strided(af.p + r * I, elem(a.ptr, a.dt, r * a.stride[0]), a.dt, a.stride[1], I, 1.0f);
-#pragma omp for schedule(static)
-    for (int64_t o = 0; o < O; ++o)
-      load_strided(bf.p + o * k, elem(b.ptr, b.dt, o * b.stride[0]), b.dt, b.stride[1], k, 1.0f);
     if (w.stride[1] == 1) {  // rows contiguous: the fused direct path
-      const int64_t npan = I / LM_PW;
-#pragma omp for schedule(static)
-      for (int64_t pc = 0; pc < npan; ++pc)
-        for (int64_t kk = 0; kk < k; ++kk)
-          memcpy(apk.p + (pc * k + kk) * LM_PW, af.p + kk * I + pc * LM_PW, LM_PW * 4);
       if (w.dt == kFloat32) {
         lora_direct<kFloat32>(w, k, bf.p, apk.p, af.p, scale);
       } else if (w.dt == kBFloat16) {
-        lora_direct<kBFloat16>(w, k, bf.p, apk.p, af.p, scale);
+#if defined(SSTM_ISA_avx512)
+        if (has_avx512bf16())
+          lora_direct<kBFloat16, true>(w, k, bf.p, apk.p, af.p, scale);
+        else
+#endif
+          lora_direct<kBFloat16>(w, k, bf.p, apk.p, af.p, scale);
       } else {
         lora_direct<kFloat16>(w, k, bf.p, apk.p, af.p, scale);
       }
@@ -400,7 +404,7 @@ void lora_merge(const Tensor& w, const Tensor& b, const Tensor& a, float scale, 
     alignas(64) float tile[LM_RB][LM_CW];
     void* wp = const_cast<void*>(w.ptr);
     const int64_t nrb = (O + LM_RB - 1) / LM_RB;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t rb = 0; rb < nrb; ++rb) {
       const int64_t r0 = rb * LM_RB, rr = std::min<int64_t>(LM_RB, O - r0);
       const float* brow = bf.p + r0 * k;
