@@ -148,3 +148,21 @@ def test_train_lora_mmlu_rows_and_errors(tiny, tmp_path):
     with pytest.raises(InputError, match="needs tokenizer"):
         train_lora(model, MMLU, tmp_path / "x", steps=1, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_train_cli(tiny, tmp_path, capsys):
+    from pathlib import Path
+
+    from sstmerge.errors import cli_main
+    from sstmerge.train.__main__ import main
+
+    _, _, base_path = tiny
+    data = Path(__file__).parent / "fixtures" / "registry" / "safety_train.jsonl"
+    out = tmp_path / "cli_adapter"
+    assert cli_main(main, ["--model", str(base_path), "--data", str(data), "--out", str(out), "--steps", "2",
+                           "--r", "2", "--alpha", "4", "--batch-size", "2"]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+    assert cli_main(main, ["--model", str(base_path), "--data", str(tmp_path / "none.jsonl"), "--out",
+                           str(tmp_path / "x"), "--steps", "2"]) == 2
+    assert "neither a registry dataset" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

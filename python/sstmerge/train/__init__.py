@@ -5,6 +5,6 @@ saves it atomically; ``pretrain_causal_lm`` trains all parameters of a (tiny) mo
 """
 
 from .lora import DEFAULT_TARGET_MODULES, train_lora
-from .loop import pretrain_causal_lm
+from .loop import finetune_full, pretrain_causal_lm
 
-__all__ = ["DEFAULT_TARGET_MODULES", "train_lora", "pretrain_causal_lm"]
+__all__ = ["DEFAULT_TARGET_MODULES", "train_lora", "pretrain_causal_lm", "finetune_full"]

@@ -116,3 +116,20 @@ def pretrain_causal_lm(model: torch.nn.Module, tokenizer, docs: Sequence[Mapping
     torch.manual_seed(seed)
     return run_steps(model, make_epoch, steps=steps, lr=lr, weight_decay=weight_decay, desc="pretrain",
                      progress=progress)
+
+
+def finetune_full(model: torch.nn.Module, tokenizer, row_groups: Sequence[Sequence[Mapping]], *, steps: int,
+                  lr: float, seed: int, batch_size: int, max_length: int = 256, weight_decay: float = 0.01,
+                  progress: bool = True, desc: str = "instruct") -> list[float]:
+    """Supervised fine-tuning of all parameters on answers only; return the losses.
+
+    ``row_groups``: groups of rows, each all chat or all MMLU (see sstmerge.data.batches); the groups
+    are shuffled together.
+    """
+    from ..data.batches import batch_encoded, encode_rows
+
+    encoded = [e for rows in row_groups if rows for e in encode_rows(tokenizer, list(rows), max_length)]
+    torch.manual_seed(seed)
+    return run_steps(model, lambda epoch: batch_encoded(tokenizer, encoded, batch_size, shuffle=True,
+                                                        seed=seed * 1000003 + epoch),
+                     steps=steps, lr=lr, weight_decay=weight_decay, desc=desc, progress=progress)
