@@ -7,6 +7,8 @@ Every peer's result is checked against the cpp kernel's before it is timed.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -38,6 +40,9 @@ def make(name, x, g):
         return lambda: ops.diag_fisher_linear(x, g, backend="torch"), None
     if name == "backpack_sumgradsquared":
         pytest.importorskip("backpack", reason="pip install --no-deps backpack-for-pytorch einops unfoldNd")
+        if B * T * I * O > 2**28 and os.environ.get("SSTMERGE_BENCH_SLOW") != "1":
+            pytest.skip("BackPACK 1.7.1 took 212 s for ONE call at B16 T128 I=O=1024 on the 2-core "
+                        "machine (2026-11-25); set SSTMERGE_BENCH_SLOW=1 to time it anyway")
         from backpack import backpack, extend
         from backpack.extensions import SumGradSquared
 
