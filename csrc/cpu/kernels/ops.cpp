@@ -75,7 +75,7 @@ void row_lines(std::vector<const char*>& out, const void* base, const int64_t* o
 // Single-thread CPU time on the section 8 problem (AVX-512): ~37 ms vs torch's GEMM ~30-32 ms.
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t DF_KC = 384;
-constexpr int64_t DF_MCP = (MR >= 14) ? 16 : 32;
+constexpr int64_t DF_MCP = (MR >= 14) ? 37 : 32;  // 2 x 2 blocks of out at 1024 x 1024 (fewer re-packs)
 constexpr int64_t DF_NCP = (NR >= 32) ? 16 : 32;
 
 void diag_fisher_linear(float* out, const Tensor& x, const Tensor& g, const float* mask,
