@@ -245,6 +245,9 @@ def test_artifacts_are_real_and_consistent(built):
 
     cfgs = [json.loads((a / "adapter_config.json").read_text()) for a in (w.utility_adapter, w.safety_adapter)]
     assert cfgs[0]["r"] == cfgs[1]["r"] and set(cfgs[0]["target_modules"]) == set(cfgs[1]["target_modules"])
+    from sstmerge.models import resolve_model_dir
+
+    assert resolve_model_dir("tiny") == w.base_model  # the registry name "tiny" is this world's base
     model, tok = load_model(w.base_model)
     assert model.config.model_type == "llama" and tok.chat_template
     PeftModel.from_pretrained(model, w.safety_adapter)
