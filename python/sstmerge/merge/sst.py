@@ -47,7 +47,7 @@ from .fisher_inputs import kfac_block, subspace_block
 
 RULES = ("soft", "hard", "topk")
 CURVATURES = ("exact", "kfac", "input")
-DEFAULTS = {"rule": "hard", "curvature": "kfac", "gamma": 1e-4, "threshold": 4.0, "topk": None, "rank": None}
+DEFAULTS = {"rule": "soft", "curvature": "kfac", "gamma": 1e-4, "threshold": 4.0, "topk": None, "rank": None}
 #: Components below this fraction of an update's largest eigen-coordinate count as absent.
 PRESENT_RTOL = 1e-6
 SPECTRUM_LEN = 32
