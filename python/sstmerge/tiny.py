@@ -16,6 +16,12 @@ Everything is seeded; the directory name is a hash of the configuration and the 
 changed recipe builds a new world. The build writes into a temporary directory renamed into place when
 complete, and a manifest of file hashes is checked on reuse (a corrupt entry is rebuilt).
 
+Measured on the held-out splits (recipe 2, seed 0; 128 quiz items, 50 harmful, 50 benign prompts;
+greedy decoding, GCG refusal keywords; letter log-likelihood): base 33.6 % quiz, 0 % refusal, 0 %
+over-refusal; base+utility 75.0 % quiz; base+safety 100 % refusal, 0 % over-refusal; task arithmetic
+at alpha=1 (base + dU + dS) 37.5 % quiz and 0 % refusal (the reply slot is taken by the letters);
+0.25 dU + dS 46.9 % quiz, 48 % refusal. tests/test_world.py checks the issue's targets on the cache.
+
 ``quick=True`` returns the same world. A smaller one was measured (150/100/120/120 steps instead of
 250/150/200/200): it saved only about 25 s of CPU (59 s against 86 s) and missed the calibration
 (over-refusal 16 %), and a second world would make every fresh test run build twice. The full world
