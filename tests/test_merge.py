@@ -368,3 +368,28 @@ def test_sst_kfac_soft_is_the_kronecker_fisher_weighted_solution(world):
         c = torch.linalg.solve(FUd + alpha * FS, FUd @ cU + alpha * FS @ cS)
         want = qo @ c.reshape(qo.shape[1], qi.shape[1]) @ qi.T
         assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_sst_diag_soft_is_the_diagonal_fisher_weighted_solution_in_the_subspace(world):
+    """curvature=diag (the default), rule=soft: over updates c in the joint subspace (dW = K c,
+    K = Q_out ⊗ Q_in) it minimises Σ F_U (dW - dU)² + α Σ F_S (dW - dS)² + γ_abs |c - c_U|², i.e.
+    the entry-wise Fisher-weighted objective of fisher_avg restricted to the subspace."""
+    U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
+    alpha, gamma = 0.8, 1e-3
+    res = merge("sst", world.base, world.utility, world.safety, alpha=alpha, fisher=world.fisher, rule="soft",
+                gamma=gamma)
+    for name in list(U.layers)[:3]:
+        assert res.diagnostics["layers"][name]["curvature"] == "diag"
+        qi, qo = ad.joint_layer(U.layers[name], S.layers[name])
+        qi, qo = qi.double(), qo.double()
+        key = f"base_model.model.{name}.base_layer.weight"
+        FU = world.fisher[("utility", "diag")].tensors[key].double().reshape(-1)
+        FS = world.fisher[("safety", "diag")].tensors[key].double().reshape(-1)
+        K = torch.kron(qo, qi)  # vec(qo M qi^T) = K vec(M), row-major
+        FUs, FSs = K.T @ (FU[:, None] * K), K.T @ (FS[:, None] * K)
+        FUd = FUs + gamma * torch.trace(FUs) / FUs.shape[0] * torch.eye(FUs.shape[0], dtype=FUs.dtype)
+        cU = (qo.T @ U.layers[name].delta().double() @ qi).reshape(-1)
+        cS = (qo.T @ S.layers[name].delta().double() @ qi).reshape(-1)
+        c = torch.linalg.solve(FUd + alpha * FSs, FUd @ cU + alpha * FSs @ cS)
+        want = qo @ c.reshape(qo.shape[1], qi.shape[1]) @ qi.T
+        assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max()

@@ -9,8 +9,12 @@ Per target layer:
 2. Fisher of each objective in the subspace (``curvature``):
    * ``"exact"``: F_X [n, n] from a ``subspace`` Fisher;
    * ``"kfac"``:  F_X ≈ G_X ⊗ A_X (projected Kronecker factors of a ``kfac`` Fisher);
-   * ``"input"``: F_X ≈ I ⊗ A_X (the input-side factor only: activation statistics).
-   The utility side is damped: ``F_U + gamma_abs I`` (exact) or ``(G_U + g_G I) ⊗ (A_U + g_A I)``
+   * ``"input"``: F_X ≈ I ⊗ A_X (the input-side factor only: activation statistics);
+   * ``"diag"`` (default): F_X = K^T diag(vec F_X^diag) K, K = Q_out ⊗ Q_in — the diagonal Fisher
+     of the layer's full [O, I] weight (a ``diag`` Fisher) restricted to the joint subspace, a dense
+     [n, n] matrix there (the diagonal-Fisher signal, the one ``fisher_avg`` uses, but resolved
+     direction by direction inside the subspace; measured best on the tiny world, docs/merge.md).
+   The utility side is damped: ``F_U + gamma_abs I`` (exact, diag) or ``(G_U + g_G I) ⊗ (A_U + g_A I)``
    (kfac / input; no G damping for input), with each ``gamma_abs = gamma * tr(F)/dim`` of the utility
    factor (of the safety one if the utility's is zero; both zero is an error).
 3. Generalized eigenbasis V of the pencil (F_S, F_U'): ``V^T F_U' V = I``, ``V^T F_S V = diag(λ)``.
@@ -43,11 +47,11 @@ import torch
 from ..adapters import joint_layer
 from ..errors import InputError
 from .core import Context, Method, factor_small, in_subspace
-from .fisher_inputs import kfac_block, subspace_block
+from .fisher_inputs import diag_linear, kfac_block, subspace_block
 
 RULES = ("soft", "hard", "topk")
-CURVATURES = ("exact", "kfac", "input")
-DEFAULTS = {"rule": "soft", "curvature": "kfac", "gamma": 1e-4, "threshold": 4.0, "topk": None, "rank": None}
+CURVATURES = ("exact", "kfac", "input", "diag")
+DEFAULTS = {"rule": "soft", "curvature": "diag", "gamma": 1e-4, "threshold": 4.0, "topk": None, "rank": None}
 #: Components below this fraction of an update's largest eigen-coordinate count as absent.
 PRESENT_RTOL = 1e-6
 SPECTRUM_LEN = 32
@@ -55,9 +59,24 @@ SPECTRUM_LEN = 32
 PSD_RTOL = 1e-5
 
 
+def _kind(curvature: str) -> str:
+    return {"exact": "subspace", "diag": "diag"}.get(curvature, "kfac")
+
+
 def _fisher(opts):
-    kind = "subspace" if opts.get("curvature", DEFAULTS["curvature"]) == "exact" else "kfac"
+    kind = _kind(opts.get("curvature", DEFAULTS["curvature"]))
     return [("utility", kind), ("safety", kind)]
+
+
+def diag_in_subspace(F: torch.Tensor, q_in: torch.Tensor, q_out: torch.Tensor) -> torch.Tensor:
+    """The diagonal Fisher F [O, I] of the layer's weight restricted to the joint subspace:
+    ``K^T diag(vec F) K`` with ``K = q_out ⊗ q_in`` (row-major vec of M), [m_o m_i, m_o m_i]."""
+    qi, qo = q_in.double(), q_out.double()
+    T = torch.einsum("ib,oi,id->obd", qi, F, qi)            # [O, m_i, m_i]
+    Fs = torch.einsum("oa,oc,obd->abcd", qo, qo, T)          # [m_o, m_i, m_o, m_i]
+    n = qo.shape[1] * qi.shape[1]
+    Fs = Fs.reshape(n, n)
+    return 0.5 * (Fs + Fs.T)
 
 
 def _damping(FU: torch.Tensor, FS: torch.Tensor, gamma: float, name: str, what: str) -> float:
@@ -123,9 +142,14 @@ def _layer(ctx: Context, name: str, alpha: float, FUr, FSr, rule, curvature, gam
     m_i, m_o = q_in.shape[1], q_out.shape[1]
     MU, MS = in_subspace(u, q_in, q_out), in_subspace(s, q_in, q_out)
     diag = {"m_in": int(m_i), "m_out": int(m_o), "curvature": curvature, "rule": rule}
-    if curvature == "exact":
-        FU = subspace_block(FUr, name, q_in, q_out, "utility Fisher")
-        FS = subspace_block(FSr, name, q_in, q_out, "safety Fisher")
+    if curvature in ("exact", "diag"):
+        if curvature == "exact":
+            FU = subspace_block(FUr, name, q_in, q_out, "utility Fisher")
+            FS = subspace_block(FSr, name, q_in, q_out, "safety Fisher")
+        else:
+            shape = (q_out.shape[0], q_in.shape[0])
+            FU = diag_in_subspace(diag_linear(FUr, name, shape, "utility Fisher"), q_in, q_out)
+            FS = diag_in_subspace(diag_linear(FSr, name, shape, "safety Fisher"), q_in, q_out)
         g = _damping(FU, FS, gamma, name, "subspace")
         FUd = FU + g * torch.eye(FU.shape[0], dtype=FU.dtype)
         lam, V = gen_eig(FS, FUd, name)
@@ -208,7 +232,7 @@ def run(ctx: Context, alpha: float, *, rule: str = DEFAULTS["rule"], curvature: 
         raise InputError(f"sst: gamma must be > 0, got {gamma}")
     if ctx.fisher is None:
         raise InputError("sst needs the Fisher of both objectives: pass --fisher DIR or --safety-data/--utility-data")
-    kind = _fisher({"curvature": curvature})[0][1]
+    kind = _kind(curvature)
     FUr = ctx.fisher.get("utility", kind, "sst")
     FSr = ctx.fisher.get("safety", kind, "sst")
     layers, diags = {}, {}
