@@ -119,7 +119,7 @@ def test_bad_fisher_and_arguments(world, fisher_dir, tmp_path, capsys):
     # a Fisher computed for other adapters (another joint subspace) and for another model (other shapes)
     other_s = make_adapter(world.base, tmp_path / "s_other", seed=11)
     foreign = _fisher_dir(make_fisher(world.utility, other_s, world.base), tmp_path / "f_other")
-    _bad(_common(world, out, "sst") + ["--fisher", foreign], capsys, out, "other adapters or another model")
+    _bad(_common(world, out, "sst") + ["--curvature", "kfac", "--fisher", foreign], capsys, out, "other adapters or another model")
     _bad(_common(world, out, "regmean") + ["--fisher", foreign], capsys, out, "other adapters or another model")
     b48 = make_base(tmp_path / "b48", hidden=48)
     f48 = _fisher_dir(make_fisher(make_adapter(b48, tmp_path / "u48"), make_adapter(b48, tmp_path / "s48", seed=3), b48),
@@ -135,7 +135,7 @@ def test_bad_fisher_and_arguments(world, fisher_dir, tmp_path, capsys):
     from types import SimpleNamespace
 
     nan[("safety", "kfac")] = SimpleNamespace(kind="kfac", tensors=t, meta={})
-    _bad(_common(world, out, "sst") + ["--fisher", _fisher_dir(nan, tmp_path / "fnan")], capsys, out, "NaN")
+    _bad(_common(world, out, "sst") + ["--curvature", "kfac", "--fisher", _fisher_dir(nan, tmp_path / "fnan")], capsys, out, "NaN")
     bad = tmp_path / "fbad"
     shutil.copytree(fisher_dir, bad)
     f = bad / "utility.kfac.safetensors"
@@ -161,9 +161,9 @@ def test_failure_in_a_later_layer_leaves_no_output_and_no_fallback(world, fisher
             t[last] = torch.zeros_like(t[last])
         f[(role, kind)] = SimpleNamespace(kind=kind, tensors=t, meta={})
     out = tmp_path / "o"
-    _bad(_common(world, out, "sst") + ["--fisher", _fisher_dir(f, tmp_path / "fz")], capsys, out, "zero", "SST-Merge stops")
+    _bad(_common(world, out, "sst") + ["--curvature", "kfac", "--fisher", _fisher_dir(f, tmp_path / "fz")], capsys, out, "zero", "SST-Merge stops")
     # an existing output directory is left as it was when a run fails
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    code, _, _ = _run(_common(world, out, "sst") + ["--fisher", tmp_path / "fz"], capsys)
+    code, _, _ = _run(_common(world, out, "sst") + ["--curvature", "kfac", "--fisher", tmp_path / "fz"], capsys)
     assert code == 2 and (out / "keep.txt").read_text() == "old"

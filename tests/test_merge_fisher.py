@@ -87,7 +87,7 @@ def test_cli_estimates_the_fisher_from_data(chat_world, tmp_path, capsys):
                            "--fisher-cache", str(tmp_path / "fc"), "--backend", "torch", "--no-progress", "--dense"])
     assert code == 0, capsys.readouterr().err
     assert (out / "diagnostics.json").exists() and (out / "fused" / "tokenizer.json").exists()
-    assert sorted(p.name for p in (tmp_path / "fc").glob("*.safetensors")) == ["safety.kfac.safetensors", "utility.kfac.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "fc").glob("*.safetensors")) == ["safety.diag.safetensors", "utility.diag.safetensors"]
     capsys.readouterr()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [}\n')
