@@ -253,7 +253,10 @@ def prepare(cfg: Config, log) -> Prepared:
                 f"--model {cfg.model} needs --utility-adapter DIR and --safety-adapter DIR "
                 "(peft adapters trained on this base; `python -m sstmerge.train --help` trains them)"
             )
-        base, utility, safety = cfg.model, cfg.utility_adapter, cfg.safety_adapter
+        from .models import resolve_model_dir
+
+        base = str(resolve_model_dir(cfg.model))  # a missing checkpoint fails here, within seconds
+        utility, safety = cfg.utility_adapter, cfg.safety_adapter
         files = {
             "harmful": cfg.harmful_data or registry.resolve("advbench"),
             "benign": cfg.benign_data or registry.resolve("xstest"),

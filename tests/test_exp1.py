@@ -1,0 +1,161 @@
+"""exp1 end to end on the tiny world (--quick): outputs, measured baseline, resume after a kill,
+SST-Merge's presence, and bad input.
+
+One quick run is shared by the module: it is started, killed with SIGKILL while it evaluates, and
+started again; the second start must finish without redoing the finished stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sstmerge import exp1, stats
+
+CMD = [sys.executable, "-m", "sstmerge.exp1", "--quick"]
+
+
+def _run(args, **kw):
+    return subprocess.run(CMD + args, capture_output=True, text=True, timeout=900, **kw)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp1") / "run"
+    # first start: kill it once it is evaluating (its merged adapters are done by then)
+    proc = subprocess.Popen(CMD + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "eval").glob("*.json"))) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "exp1 --quick ended before it could be interrupted:\n" + proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "merged").iterdir() if (p / ".key").exists()}
+    evals_before = {p.name: p.stat().st_mtime_ns for p in (out / "eval").glob("*.json")}
+    # leftovers of the kill are temporary names only, never a final file
+    second = _run(["--out", str(out)])
+    assert second.returncode == 0, second.stdout + second.stderr
+    return {"out": out, "merged_before": before, "evals_before": evals_before, "log": second.stdout}
+
+
+def test_outputs_written(quick_run):
+    out = quick_run["out"]
+    for name in ("results.json", "report.md", "safety_utility.png"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    for part in ("safety", "over_refusal", "utility"):
+        assert set(res["baseline"][part]) == {"value", "n", "count"}
+    from sstmerge.merge import METHODS
+
+    assert {r["method"] for r in res["methods"]} == set(METHODS)
+    for r in res["methods"]:
+        for k in ("safety_gain", "utility_loss", "over_refusal_change"):
+            assert set(r[k]) >= {"value", "ci95", "p_value"}
+        t = r["safety_tax"]
+        assert set(t) == {"value", "ci95", "defined", "reason"}
+        assert (t["value"] is None) == (not t["defined"])
+    prov = res["provenance"]
+    assert prov["data_hashes"] and prov["config"]["quick"] and prov["timings_s"]["evaluate"] >= 0
+    report = (out / "report.md").read_text()
+    assert "Where SST-Merge stands" in report and "task_arithmetic" in report
+
+
+def test_sst_ran_and_left_diagnostics(quick_run):
+    out = quick_run["out"]
+    res = json.loads((out / "results.json").read_text())
+    sst = [r for r in res["methods"] if r["method"] == "sst"]
+    assert sst
+    for r in sst:
+        diag = json.loads((out / "merged" / f"sst_a{r['alpha']:g}" / "diagnostics.json").read_text())
+        assert diag["method"] == "sst" and diag == r["diagnostics"]
+
+
+def test_baseline_is_measured_from_records(quick_run):
+    out = quick_run["out"]
+    res = json.loads((out / "results.json").read_text())
+    for part, field in (("safety", "refused"), ("over_refusal", "refused"), ("utility", "correct")):
+        rows = [json.loads(line) for line in (out / "eval" / "ref_utility" / f"{part}.jsonl").read_text().splitlines()]
+        assert stats.proportion([int(r[field]) for r in rows]) == res["baseline"][part]
+
+
+def test_reevaluating_the_baseline_reproduces_its_records(quick_run):
+    from peft import PeftModel
+
+    from sstmerge import eval as ev
+    from sstmerge.models import load_model
+    from sstmerge.tiny import ensure_tiny_world
+
+    out = quick_run["out"]
+    cfg = json.loads((out / "results.json").read_text())["provenance"]["config"]
+    w = ensure_tiny_world(quick=True, progress=False)
+    model, tok = load_model(w.base_model)
+    model = PeftModel.from_pretrained(model, w.utility_adapter).eval()
+    harmful = ev.load_items("refusal", w.harmful_test)[: cfg["harmful_n"]]
+    again = ev.evaluate_refusal(model, tok, [r["prompt"] for r in harmful], ids=[r["id"] for r in harmful],
+                                max_new_tokens=cfg["max_new_tokens"], batch_size=7)
+    mmlu = ev.load_items("mmlu", w.mmlu_test)[: cfg["mmlu_n"]]
+    again_mmlu = ev.evaluate_mmlu(model, tok, mmlu, batch_size=5)
+    read = lambda part: [json.loads(x) for x in (out / "eval" / "ref_utility" / f"{part}.jsonl").read_text().splitlines()]  # noqa: E731
+    assert again == read("safety")
+    assert [(r["id"], r["pred"], r["correct"]) for r in again_mmlu] == [(r["id"], r["pred"], r["correct"]) for r in read("utility")]
+
+
+def test_restart_after_kill_reuses_finished_stages(quick_run):
+    out = quick_run["out"]
+    assert quick_run["merged_before"], "the kill came before any merge finished"
+    for name, mtime in quick_run["merged_before"].items():
+        assert (out / "merged" / name).stat().st_mtime_ns == mtime, f"merged/{name} was recomputed"
+    for name, mtime in quick_run["evals_before"].items():
+        assert (out / "eval" / name).stat().st_mtime_ns == mtime, f"eval/{name} was recomputed"
+    assert "cached: merged/sst_a1/" in quick_run["log"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
+
+
+def test_sst_failure_stops_the_run_without_results(tmp_path, monkeypatch):
+    from sstmerge.merge import METHODS
+
+    def boom(*a, **k):
+        raise RuntimeError("sst: layer model.layers.0.self_attn.q_proj: generalized eigenproblem failed")
+
+    monkeypatch.setattr(METHODS["sst"], "run", boom)
+    cfg = exp1._config(exp1._parser().parse_args(["--quick", "--methods", "sst", "--alphas", "1"]))
+    with pytest.raises(RuntimeError, match="eigenproblem failed"):
+        exp1.run(cfg, tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r" / "results.json").exists()
+    assert not (tmp_path / "r" / "merged" / "sst_a1").exists()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--utility-adapter", "/nonexistent"], "tiny world trains its own adapters"),
+        (["--alphas", "-1"], "--alphas must lie in"),
+        (["--mmlu-n", "0"], "--mmlu-n must be positive"),
+    ],
+)
+def test_bad_input_exit_2_one_line_no_output(tmp_path, args, needle):
+    out = tmp_path / "o"
+    r = _run(args + ["--out", str(out)])
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
+def test_real_model_without_weights_fails_fast(tmp_path):
+    out = tmp_path / "o"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-m", "sstmerge.exp1", "--model", "qwen2.5-14b", "--utility-adapter",
+                        str(tmp_path), "--safety-adapter", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "not available offline" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
