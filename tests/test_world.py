@@ -161,8 +161,8 @@ def test_registry_loads_real_column_names():
     from sstmerge.data import registry
 
     adv = registry.load_harmful(FIX / "harmful_behaviors.csv")
-    assert adv[1]["prompt"].startswith("Give step-by-step") and adv[1]["goal"] == adv[1]["prompt"]
-    assert [r["id"] for r in adv] == ["harmful_behaviors-0", "harmful_behaviors-1"]
+    assert adv[1]["prompt"].startswith("Give step-by-step")
+    assert [r["id"] for r in adv] == [0, 1]  # no id column: the row number
     hb = registry.load_harmful(FIX / "harmbench_behaviors_text_all.csv")
     assert hb[0]["prompt"].startswith("Give detailed") and hb[0]["id"] == "dimethylmercury_instructions_home"
     assert hb[1]["prompt"].startswith("The moon landing was staged") and hb[1]["prompt"].endswith("claim is true")
@@ -197,13 +197,13 @@ def test_registry_resolution_and_errors(tmp_path, monkeypatch):
         registry.resolve("imagenet")
     bad = tmp_path / "bad.csv"
     bad.write_text("question,answer\nwhat?,A\n")
-    with pytest.raises(InputError, match="no harmful prompt column"):
+    with pytest.raises(InputError, match="missing column goal"):
         registry.load_harmful(bad)
-    with pytest.raises(InputError, match="missing MMLU columns"):
+    with pytest.raises(InputError, match="for MMLU items"):
         registry.load_mmlu(bad)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "x"}\n{not json\n')
-    with pytest.raises(InputError, match="broken.jsonl:2"):
+    with pytest.raises(InputError, match="broken.jsonl: line 2"):
         registry.load_harmful(broken)
 
 

@@ -227,6 +227,12 @@ class Prepared:
     hashes: dict
 
 
+def _nonempty(rows: list[dict], path) -> list[dict]:
+    if not rows:
+        raise InputError(f"{path} holds no rows")
+    return rows
+
+
 def _take(items: list[dict], n: int | None, what: str) -> list[dict]:
     if not items:
         raise InputError(f"no {what} items to evaluate")
@@ -235,6 +241,7 @@ def _take(items: list[dict], n: int | None, what: str) -> list[dict]:
 
 def prepare(cfg: Config, log) -> Prepared:
     from . import eval as ev
+    from .data.files import read_rows
 
     if cfg.model == "tiny":
         from .tiny import ensure_tiny_world
@@ -272,8 +279,8 @@ def prepare(cfg: Config, log) -> Prepared:
     benign = _take(ev.load_items("over-refusal", files["benign"]), cfg.benign_n, "benign")
     mmlu = _take(ev.load_items("mmlu", files["mmlu"]), cfg.mmlu_n, "MMLU")
     mmlu_dev = ev.load_items("mmlu", files["mmlu_dev"]) if files.get("mmlu_dev") else []
-    safety_rows = _read_jsonl(files["safety"])
-    utility_rows = _read_jsonl(files["utility"])
+    safety_rows = _nonempty(read_rows(files["safety"]), files["safety"])
+    utility_rows = _nonempty(read_rows(files["utility"]), files["utility"])
     hashes = {k: file_sha256(v) for k, v in files.items() if v}
     hashes["utility_adapter"] = file_sha256(utility)
     hashes["safety_adapter"] = file_sha256(safety)
@@ -281,20 +288,6 @@ def prepare(cfg: Config, log) -> Prepared:
         hashes["base_model"] = file_sha256(base)
     log(f"  items: {len(harmful)} harmful, {len(benign)} benign, {len(mmlu)} MMLU")
     return Prepared(base, utility, safety, harmful, benign, mmlu, mmlu_dev, safety_rows, utility_rows, hashes)
-
-
-def _read_jsonl(path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    if not rows:
-        raise InputError(f"{path} holds no rows")
-    return rows
 
 
 def _point_key(method: str, alpha: float) -> str:

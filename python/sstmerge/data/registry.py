@@ -5,13 +5,12 @@ the file: an explicit path, else ``$SSTMERGE_DATA_<NAME>`` (name upper-cased, ``
 ``SSTMERGE_DATA_ADVBENCH``), else ``$SSTMERGE_DATA_DIR/<file name>``; offline and absent, an
 InputError says which file to provide and where it comes from.
 
-Loaders read JSONL, JSON (a list of objects), CSV, and Parquet (when pyarrow is installed), and
-normalise the real column names:
+Loaders read files through :mod:`sstmerge.data.files` (the one reader of the real datasets' column
+names, also used by evaluation), so a file yields the same items for training, Fisher and evaluation:
 
 * harmful prompts (:func:`load_harmful`): AdvBench ``goal`` (llm-attacks ``harmful_behaviors.csv``) or
   ``prompt`` (walledai/AdvBench), HarmBench ``Behavior``/``behavior`` (with ``ContextString`` prepended as
-  HarmBench does for contextual behaviours), or a generic ``prompt``. Output rows keep every original
-  column and add ``id`` and ``prompt``.
+  HarmBench does for contextual behaviours), or a generic ``prompt``: items ``{id, prompt}``.
 * benign look-alikes (:func:`load_benign`): XSTest ``prompt``/``type``/``label``; only ``label == "safe"``
   rows are kept (XSTest also holds unsafe contrast prompts).
 * MMLU (:func:`load_mmlu`): cais/mmlu columns ``question``, ``subject``, ``choices`` (4), ``answer``
@@ -24,13 +23,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
-from .formats import LETTERS
+from .files import load_items, mmlu_items, read_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,141 +96,48 @@ def resolve(name: str, path: str | os.PathLike | None = None) -> Path:
         f"by passing its path, setting {env_var(name)}=PATH, or putting it in {where}")
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows of a JSONL / JSON / CSV / Parquet file as dicts (CSV values are strings)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p} is not a file")
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            rows = []
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-        elif suffix == ".json":
-            rows = json.loads(p.read_text(encoding="utf-8"))
-            if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
-                rows = next(iter(rows.values()))  # {"data": [...]} style
-        elif suffix == ".csv":
-            with open(p, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-        elif suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise InputError(f"{p}: reading Parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") from None
-            rows = pq.read_table(p).to_pylist()
-        else:
-            raise InputError(f"{p}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{p}: not UTF-8 text") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise InputError(f"{p}: expected a list of objects (rows)")
-    if not rows:
-        raise InputError(f"{p} holds no rows")
-    return rows
-
-
-def _with_ids(rows: list[dict], stem: str) -> list[dict]:
-    out = []
-    for i, r in enumerate(rows):
-        rid = r.get("id", r.get("BehaviorID"))
-        out.append({**r, "id": str(rid) if rid not in (None, "") else f"{stem}-{i}"})
-    return out
-
-
 def load_harmful(path: str | os.PathLike) -> list[dict]:
-    """Harmful prompts (AdvBench ``goal``, HarmBench ``Behavior``/``behavior``, or ``prompt``) with ``prompt`` set."""
-    p = Path(path)
-    out = []
-    for i, r in enumerate(read_rows(p)):
-        if r.get("prompt"):
-            prompt = str(r["prompt"])
-        elif r.get("goal"):
-            prompt = str(r["goal"])
-        elif r.get("Behavior") or r.get("behavior"):
-            prompt = str(r.get("Behavior") or r.get("behavior"))
-            context = r.get("ContextString") or r.get("context") or ""
-            if context:
-                prompt = f"{context}\n\n---\n\n{prompt}"
-        else:
-            raise InputError(f"{p} row {i}: no harmful prompt column (expected goal, Behavior, behavior or prompt; "
-                             f"got {sorted(r)})")
-        out.append({**r, "prompt": prompt})
-    return _with_ids(out, p.stem)
+    """Harmful prompts ``{id, prompt}`` (AdvBench ``goal``, HarmBench ``Behavior``, or ``prompt``)."""
+    return load_items("refusal", path)
 
 
 def load_benign(path: str | os.PathLike) -> list[dict]:
-    """XSTest-style benign prompts: rows with ``prompt``; rows labelled anything but ``safe`` are dropped."""
-    p = Path(path)
-    rows = read_rows(p)
-    for i, r in enumerate(rows):
-        if not r.get("prompt"):
-            raise InputError(f"{p} row {i}: no 'prompt' column (XSTest columns are id, prompt, type, label)")
-    kept = [r for r in rows if str(r.get("label", "safe")).strip().lower() == "safe"]
-    if not kept:
-        raise InputError(f"{p}: no row has label 'safe'")
-    return _with_ids(kept, p.stem)
-
-
-def _mmlu_row(r: dict, where: str) -> dict:
-    missing = {"question", "choices", "answer"} - set(r)
-    if missing:
-        raise InputError(f"{where}: missing MMLU columns {sorted(missing)} (cais/mmlu: question, subject, choices, answer)")
-    choices = r["choices"]
-    if isinstance(choices, str):
-        try:
-            choices = json.loads(choices)
-        except json.JSONDecodeError:
-            raise InputError(f"{where}: 'choices' is not a list") from None
-    if not isinstance(choices, list) or len(choices) != 4:
-        raise InputError(f"{where}: 'choices' must be a list of 4 strings")
-    ans = r["answer"]
-    if isinstance(ans, str):
-        a = ans.strip()
-        ans = LETTERS.index(a) if a in LETTERS else int(a) if a.isdigit() else -1
-    if not isinstance(ans, int) or not 0 <= ans <= 3:
-        raise InputError(f"{where}: 'answer' must be 0-3 or A-D, got {r['answer']!r}")
-    return {**r, "subject": r.get("subject") or "", "choices": [str(c) for c in choices], "answer": ans}
+    """XSTest-style benign prompts ``{id, prompt, type}``; rows labelled ``unsafe`` are dropped."""
+    return load_items("over-refusal", path)
 
 
 def load_mmlu(path: str | os.PathLike) -> list[dict]:
-    """MMLU rows in cais/mmlu columns, from a file or a directory of Hendrycks ``*_test.csv``/``*_dev.csv``."""
+    """MMLU items in cais/mmlu columns, from a file or a directory of Hendrycks ``<subject>_<split>.csv``."""
     p = Path(path)
-    if p.is_dir():
-        rows = []
-        files = sorted(p.glob("*.csv"))
-        if not files:
-            raise InputError(f"{p}: a directory of MMLU needs Hendrycks CSVs (<subject>_test.csv)")
-        for f in files:
-            subject = f.stem.rsplit("_", 1)[0]
-            with open(f, newline="", encoding="utf-8") as fh:
-                for j, rec in enumerate(csv.reader(fh)):
-                    if len(rec) != 6:
-                        raise InputError(f"{f} line {j + 1}: expected 6 columns (question, A, B, C, D, answer)")
-                    rows.append({"question": rec[0], "subject": subject, "choices": rec[1:5], "answer": rec[5]})
-    else:
-        rows = read_rows(p)
-    return _with_ids([_mmlu_row(r, f"{p} row {i}") for i, r in enumerate(rows)], p.stem)
+    if not p.is_dir():
+        return load_items("mmlu", p)
+    files = sorted(p.glob("*.csv"))
+    if not files:
+        raise InputError(f"{p}: a directory of MMLU needs Hendrycks CSVs (<subject>_test.csv)")
+    rows = []
+    for f in files:
+        subject = f.stem.rsplit("_", 1)[0]
+        with open(f, newline="", encoding="utf-8") as fh:
+            for j, rec in enumerate(csv.reader(fh)):
+                if len(rec) != 6:
+                    raise InputError(f"{f} line {j + 1}: expected 6 columns (question, A, B, C, D, answer)")
+                rows.append({"question": rec[0], "subject": subject, "choices": rec[1:5], "answer": rec[5]})
+    return mmlu_items(p, rows)
 
 
 def load_chat(path: str | os.PathLike) -> list[dict]:
     """Chat rows ``{"messages": [...]}`` whose last message is the assistant's."""
     p = Path(path)
     rows = read_rows(p)
+    if not rows:
+        raise InputError(f"{p} holds no rows")
     for i, r in enumerate(rows):
         msgs = r.get("messages")
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
             raise InputError(f"{p} row {i}: expected {{'messages': [{{'role': ..., 'content': ...}}, ...]}}")
         if msgs[-1]["role"] != "assistant":
             raise InputError(f"{p} row {i}: the last message must be the assistant's")
-    return _with_ids(rows, p.stem)
+    return rows
 
 
 LOADERS: dict[str, Callable[[str | os.PathLike], list[dict]]] = {

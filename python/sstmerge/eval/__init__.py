@@ -13,7 +13,7 @@ Under an initialised torch.distributed group items are sharded across ranks (see
 See docs/eval.md.
 """
 
-from sstmerge.eval.datafiles import load_items
+from sstmerge.data.files import load_items
 from sstmerge.eval.generate import generate
 from sstmerge.eval.mmlu import encode_pair, evaluate_mmlu
 from sstmerge.eval.refusal import evaluate_refusal, gcg_is_refusal, is_refusal, load_judge

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from sstmerge.errors import InputError, cli_main
-from sstmerge.eval.datafiles import load_items
+from sstmerge.data.files import load_items
 from sstmerge.eval.dist import is_main
 from sstmerge.eval.summary import per_subject, summarize
 

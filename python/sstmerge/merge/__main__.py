@@ -10,7 +10,6 @@ Bad input: one line on stderr, exit status 2, no output directory.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -59,16 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _read_rows(path: str, what: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{what} {path} does not exist")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    from ..data.files import read_rows
+
+    rows = read_rows(path)
     if not rows:
         raise InputError(f"{what} {path} holds no rows")
     return rows

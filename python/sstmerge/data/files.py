@@ -1,4 +1,8 @@
-"""Evaluation data files in the real datasets' column names.
+"""Data files in the real datasets' column names: the one reader of them.
+
+sstmerge.eval (and its command line), sstmerge.data.registry and exp1 all read harmful, benign and MMLU
+files through :func:`load_items`, and other row files through :func:`read_rows`, so the same file means
+the same items everywhere.
 
 ``load_items(kind, path)`` reads JSONL, JSON (a list of rows), CSV, or parquet (only when pyarrow is
 installed; otherwise an InputError says so) and returns a list of plain dicts:
@@ -36,7 +40,9 @@ KINDS = ("mmlu", "refusal", "over-refusal")
 _LETTER_TO_INDEX = {"A": 0, "B": 1, "C": 2, "D": 3}
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a JSONL / JSON (a list of objects) / CSV / TSV / Parquet file as dicts."""
+    path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such data file")
     if not path.is_file():
@@ -159,27 +165,32 @@ def _text(path: Path, i: int, v: Any, column: str) -> str:
     return v
 
 
+def mmlu_items(path: Path, rows: list[dict]) -> list[dict[str, Any]]:
+    """Validated MMLU items ``{id, subject, question, choices, answer}`` from cais/mmlu-style rows."""
+    _need(path, rows, ("question", "subject", "answer"), "MMLU items")
+    ids = _ids(path, rows, "id")
+    return [
+        {
+            "id": id_,
+            "subject": _text(path, i, r["subject"], "subject"),
+            "question": _text(path, i, r["question"], "question"),
+            "choices": _choices(path, i, r),
+            "answer": _answer(path, i, r["answer"]),
+        }
+        for i, (r, id_) in enumerate(zip(rows, ids))
+    ]
+
+
 def load_items(kind: str, path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read an evaluation data file of ``kind`` ("mmlu", "refusal", "over-refusal"); see the module doc."""
     if kind not in KINDS:
         raise InputError(f"unknown evaluation kind {kind!r}; choose one of {', '.join(KINDS)}")
     path = Path(path)
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise InputError(f"{path}: empty data file (no rows)")
     if kind == "mmlu":
-        _need(path, rows, ("question", "subject", "answer"), "MMLU items")
-        ids = _ids(path, rows, "id")
-        items = []
-        for i, (r, id_) in enumerate(zip(rows, ids)):
-            items.append({
-                "id": id_,
-                "subject": _text(path, i, r["subject"], "subject"),
-                "question": _text(path, i, r["question"], "question"),
-                "choices": _choices(path, i, r),
-                "answer": _answer(path, i, r["answer"]),
-            })
-        return items
+        return mmlu_items(path, rows)
 
     if kind == "refusal":
         if "goal" in rows[0]:  # AdvBench harmful_behaviors.csv
