@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._reduce import sum_splits
+
 # dtype codes of csrc/common/numeric.h (sstm::DType)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ROWS_PER_CHUNK = 16  # tile::kRows: row splits are multiples of it
@@ -65,17 +67,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _sum_splits(parts: Tensor) -> Tensor:
-    """Sum over dim 0 by pairwise halving. Only elementwise adds, so every entry is summed in the
-    same order: deterministic, and a stack of symmetric matrices gives a bitwise-symmetric sum
-    (torch's reduction kernels do not promise either)."""
-    while parts.shape[0] > 1:
-        h = parts.shape[0] // 2
-        head = parts[:h] + parts[h : 2 * h]
-        parts = torch.cat([head, parts[2 * h :]]) if parts.shape[0] % 2 else head
-    return parts[0]
-
-
 def diag_fisher_linear(x: Tensor, g: Tensor, mask: Optional[Tensor]) -> Tensor:
     B, T, I = x.shape
     O = g.shape[2]
@@ -94,7 +85,7 @@ def _gram(
     """out[n] = a[n]^T diag(w[n]) b[n] in fp32, [batch, M, L], for a [batch, rows, M] and
     b [batch, rows, L] (any strides, batch stride 0 to share one matrix) and w [batch, rows] fp32
     or None. With split_rows the rows are split over enough blocks to fill the GPU, and the
-    partial sums are added pairwise (_sum_splits)."""
+    partial sums are added pairwise (sum_splits)."""
     batch, rows, M = a.shape
     L = b.shape[2]
     if batch == 0 or rows == 0 or M == 0 or L == 0:
@@ -113,7 +104,7 @@ def _gram(
         wp, ws, batch, rows, M, L, rows_per_split, splits, symmetric, out.data_ptr(), *_launch(a),
     )
     if splits > 1:
-        return _sum_splits(out.view(batch, splits, M, L).transpose(0, 1))
+        return sum_splits(out.view(batch, splits, M, L).transpose(0, 1))
     return out
 
 

@@ -16,6 +16,8 @@ import torch
 import triton
 from torch import Tensor
 
+from ._reduce import sum_splits
+
 from sstmerge.kernels.diag_fisher_linear import diag_fisher_linear_kernel
 from sstmerge.kernels.kfac_factor import masked_gram_kernel, project_kernel
 from sstmerge.kernels.lora_merge import lora_merge_kernel
@@ -51,17 +53,6 @@ def _native_dot(mask: Optional[Tensor], *tensors: Tensor) -> bool:
 def _block(n: int, cap: int = 64) -> int:
     """A tile size covering n (at least 16, the minimum tl.dot dimension), at most cap."""
     return min(cap, max(16, triton.next_power_of_2(n)))
-
-
-def _sum_splits(parts: Tensor) -> Tensor:
-    """Sum over dim 0 by pairwise halving. Only elementwise adds, so every entry is summed in the
-    same order: deterministic, and a stack of symmetric matrices gives a bitwise-symmetric sum
-    (torch's reduction kernels do not promise either)."""
-    while parts.shape[0] > 1:
-        h = parts.shape[0] // 2
-        head = parts[:h] + parts[h : 2 * h]
-        parts = torch.cat([head, parts[2 * h :]]) if parts.shape[0] % 2 else head
-    return parts[0]
 
 
 def _target_programs(t: Tensor) -> int:
@@ -164,7 +155,7 @@ def _gram(
         HAS_MASK=has_mask, SYMMETRIC=symmetric, NATIVE_DOT=native,
         BLOCK_M=BLOCK_M, BLOCK_L=BLOCK_L, BLOCK_N=BLOCK_N,
     )
-    return _sum_splits(out)
+    return sum_splits(out)
 
 
 def kfac_factor(x: Tensor, mask: Optional[Tensor], q: Optional[Tensor]) -> Tensor:
