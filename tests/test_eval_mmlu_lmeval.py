@@ -1,8 +1,7 @@
 """MMLU scoring against lm-evaluation-harness itself, item for item (runs where lm_eval imports).
 
-lm-eval is not a dependency of sstmerge; this test runs when it is importable (e.g.
-``pip install --no-deps lm-eval requests urllib3 certifi`` next to torch/transformers/accelerate), and
-tests/test_eval_mmlu.py pins the same behaviour without it.
+lm-eval is not a dependency of the package, only of its test extra (``pip install ".[test]"``, which
+CI runs); tests/test_eval_mmlu.py pins the same behaviour without it.
 """
 
 import pytest
