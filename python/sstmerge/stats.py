@@ -87,17 +87,6 @@ def proportion(outcomes: Sequence) -> dict:
     return {"value": float(a.mean()), "n": int(a.size), "count": int(a.sum())}
 
 
-def wilson_interval(count: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score 95% interval of a single proportion count / n."""
-    if n <= 0:
-        raise InputError("cannot take an interval over zero items")
-    p = count / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def mcnemar_exact(counts: PairedCounts) -> float:
     """Two-sided exact McNemar p-value from the discordant pairs n10, n01."""
     d = counts.n10 + counts.n01

@@ -12,8 +12,6 @@ from sstmerge.ops.diag_fisher_linear import diag_fisher_linear_op
 
 from opsutil import (
     LOW,
-    NON_REFERENCE,
-    backend_param,
     check_close,
     device_for,
     make_mask,
@@ -23,10 +21,6 @@ from opsutil import (
     seed_of,
 )
 
-
-@pytest.fixture(params=NON_REFERENCE)
-def backend(request):
-    return backend_param(request)
 
 
 def ref64(x, g, mask):

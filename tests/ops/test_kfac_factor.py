@@ -11,8 +11,6 @@ from sstmerge.ops.kfac_factor import kfac_factor_op, kfac_sketch_op
 
 from opsutil import (
     LOW,
-    NON_REFERENCE,
-    backend_param,
     check_close,
     device_for,
     make_mask,
@@ -22,10 +20,6 @@ from opsutil import (
     seed_of,
 )
 
-
-@pytest.fixture(params=NON_REFERENCE)
-def backend(request):
-    return backend_param(request)
 
 
 def rows64(x, mask):

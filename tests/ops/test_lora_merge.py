@@ -25,10 +25,6 @@ from opsutil import NON_REFERENCE, backend_param, device_for, randn, rel_err, ru
 ONE_ULP_FRACTION = 1e-3
 
 
-@pytest.fixture(params=NON_REFERENCE)
-def backend(request):
-    return backend_param(request)
-
 
 def exact_once(w, b, a, scale):
     """w + scale * b @ a in float64, rounded once to w's dtype."""
