@@ -20,7 +20,7 @@ import sstmerge.ops as ops
 from sstmerge.ops import _cpp
 from sstmerge.ops.lora_merge import lora_merge_op
 
-from opsutil import NON_REFERENCE, backend_param, device_for, randn, rel_err, runnable_isas, seed_of
+from opsutil import device_for, randn, rel_err, runnable_isas, seed_of
 
 ONE_ULP_FRACTION = 1e-3
 
