@@ -33,7 +33,7 @@ def quick_run(tmp_path_factory):
     proc = subprocess.Popen(CMD + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if len(list((out / "eval").glob("*.json"))) >= 2:
+        if len(list((out / "eval").glob("*/.key"))) >= 2:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "exp1 --quick ended before it could be interrupted:\n" + proc.stdout.read()
@@ -41,7 +41,7 @@ def quick_run(tmp_path_factory):
     proc.wait()
     assert not (out / "results.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "merged").iterdir() if (p / ".key").exists()}
-    evals_before = {p.name: p.stat().st_mtime_ns for p in (out / "eval").glob("*.json")}
+    evals_before = {p.parent.name: p.stat().st_mtime_ns for p in (out / "eval").glob("*/.key")}
     # leftovers of the kill are temporary names only, never a final file
     second = _run(["--out", str(out)])
     assert second.returncode == 0, second.stdout + second.stderr
@@ -116,7 +116,7 @@ def test_restart_after_kill_reuses_finished_stages(quick_run):
     for name, mtime in quick_run["merged_before"].items():
         assert (out / "merged" / name).stat().st_mtime_ns == mtime, f"merged/{name} was recomputed"
     for name, mtime in quick_run["evals_before"].items():
-        assert (out / "eval" / name).stat().st_mtime_ns == mtime, f"eval/{name} was recomputed"
+        assert (out / "eval" / name / ".key").stat().st_mtime_ns == mtime, f"eval/{name} was recomputed"
     assert "cached: merged/sst_a1/" in quick_run["log"]
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
 

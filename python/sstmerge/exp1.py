@@ -182,21 +182,6 @@ class Cache:
         self.root = root
         self.log = log
 
-    def json(self, rel: str, key: dict, compute: Callable[[], object]):
-        path = self.root / rel
-        k = _hash(key)
-        if path.exists():
-            try:
-                stored = json.loads(path.read_text())
-                if stored.get("key") == k:
-                    self.log(f"  cached: {rel}")
-                    return stored["value"]
-            except (json.JSONDecodeError, KeyError, AttributeError):
-                self.log(f"  corrupt cache entry {rel}: recomputing")
-        value = compute()
-        io.write_json(path, {"key": k, "inputs": key, "value": value})
-        return value
-
     def directory(self, rel: str, key: dict, build: Callable[[Path], None]) -> Path:
         """A directory built by ``build(tmp)`` and renamed into place, with its key in .key."""
         path = self.root / rel
@@ -204,6 +189,8 @@ class Cache:
         if (path / ".key").exists() and (path / ".key").read_text().strip() == k:
             self.log(f"  cached: {rel}/")
             return path
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-build
+            shutil.rmtree(stale, ignore_errors=True)
         with io.atomic_dir(path) as tmp:
             build(tmp)
             (tmp / ".key").write_text(k + "\n")
@@ -340,13 +327,21 @@ def evaluate_models(cfg: Config, prep: Prepared, adapters: dict[str, str | None]
                     loaded["m"] = wrapped.unload()
             return rec
 
-        rec = cache.json(f"eval/{key}.json", {"items": items_key, "adapter": adapter_hash}, run)
-        for part, rows in rec.items():  # the per-item records, for item-by-item comparison
-            path = cache.root / "eval" / key / f"{part}.jsonl"
-            if not path.exists():
-                io.write_jsonl(path, rows)
-        out[key] = rec
+        def build(tmp: Path, run=run):
+            for part, rows in run().items():
+                io.write_jsonl(tmp / f"{part}.jsonl", rows)
+
+        # the per-item records are the cache: eval/<key>/{safety,over_refusal,utility}.jsonl
+        d = cache.directory(f"eval/{key}", {"items": items_key, "adapter": adapter_hash}, build)
+        out[key] = {part: _read_records(d / f"{part}.jsonl") for part in RECORD_PARTS}
     return out
+
+
+RECORD_PARTS = ("safety", "over_refusal", "utility")
+
+
+def _read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def _outcomes(records: list[dict], field_name: str, ids: list) -> list[int]:
