@@ -7,13 +7,15 @@ The kernels merge into the same w round after round (its values drift; the work 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import sstmerge.ops as ops
 from _timing import assert_agree, run
 
-CANDIDATES = ["copy_limit", "cpp", "torch_reference", "peft_merge"]
+CANDIDATES = ["copy_limit", "cpp", "cpp_no_amx", "torch_reference", "peft_merge"]
 
 
 def make(name, O, I, r, dtype):
@@ -29,6 +31,22 @@ def make(name, O, I, r, dtype):
         want = (w.double() + 2.0 * (b.double() @ a.double())).to(dtype)
         assert_agree(name, ops.lora_merge_(w.clone(), b, a, 2.0, backend=bk), want, rtol=1e-2)
         return lambda: ops.lora_merge_(w, b, a, 2.0, backend=bk), None
+    if name == "cpp_no_amx":  # the FMA path, for bf16 where the AMX tile path would run
+        if dtype != torch.bfloat16:
+            pytest.skip("the AMX path is bf16 only")
+
+        def no_amx():
+            os.environ["SSTMERGE_AMX"] = "0"
+            try:
+                return ops.lora_merge_(w, b, a, 2.0, backend="cpp")
+            finally:
+                del os.environ["SSTMERGE_AMX"]
+
+        want = (w.double() + 2.0 * (b.double() @ a.double())).to(dtype)
+        w0 = w.clone()
+        assert_agree(name, no_amx(), want, rtol=1e-2)
+        w.copy_(w0)
+        return no_amx, None
     if name == "peft_merge":
         peft = pytest.importorskip("peft")
         model = torch.nn.Sequential(torch.nn.Linear(I, O, bias=False))
@@ -59,6 +77,6 @@ def make(name, O, I, r, dtype):
 def bench_lora_merge(benchmark, mode, name, dtype):
     O, I, r = (4096, 4096, 16) if mode.full else (1024, 1024, 16)
     fn, setup = make(name, O, I, r, dtype)  # each candidate is checked there before it is timed
-    role = {"copy_limit": "limit", "cpp": "cpp", "torch_reference": "reference"}.get(name, "peer")
+    role = {"copy_limit": "limit", "cpp": "cpp", "cpp_no_amx": "cpp", "torch_reference": "reference"}.get(name, "peer")
     run(benchmark, fn, mode, group=f"lora_merge_ {O}x{I} r{r} {str(dtype)[6:]}", role=role,
         setup=setup, dtype=dtype, shape=(O, I, r))

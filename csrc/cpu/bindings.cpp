@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
+#include "cpu/kernels/amx.h"
 
 namespace py = pybind11;
 using TensorSpec = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
@@ -42,6 +43,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "sstmerge C++ CPU kernels (OpenMP; ISA variants chosen at run time)";
   m.def("isa", &sstm::active_isa, "The ISA variant the kernels run with on this CPU.");
   m.def("built_isas", &sstm::built_isas, "The ISA variants compiled into this module.");
+  m.def(
+      "amx_unavailable", [] { return std::string(sstm::amx_unavailable()); },
+      "Why the AMX tile kernels (bf16 lora_merge_, avx512 variant) cannot run here; '' if they "
+      "can. SSTMERGE_AMX=0 turns them off.");
   m.def(
       "build_info",
       [] {

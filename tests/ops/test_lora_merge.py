@@ -178,3 +178,59 @@ def test_cpp_rounding_special_values(isa, dtype):
     _cpp.lora_merge_(w, b, a, 0.5, isa=isa)
     same = (w.view(torch.int16) == expect.view(torch.int16)) | (w.isnan() & expect.isnan())
     assert same.all(), f"{int((~same).sum())} elements differ from torch's rounding"
+
+
+def _amx_unavailable() -> str:
+    if "avx512" not in runnable_isas():
+        return "no runnable avx512 variant here"
+    from sstmerge import _C
+
+    return _C.amx_unavailable()
+
+
+AMX_CASES = [  # O, I, k, factor layout: whole 16 x 64 tiles, row and column tails, k > 32, odd k
+    (64, 256, 16, "contiguous"),
+    (77, 300, 5, "contiguous"),
+    (48, 128, 40, "transposed"),
+    (16, 64, 1, "sliced"),
+    (35, 70, 33, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx", "fma"])
+@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "O{}I{}k{}-{}".format(*c))
+def test_cpp_bf16_factors_amx_and_fma(monkeypatch, amx, case):
+    """bf16 w and bf16 factors take the AMX tile path where the CPU and OS allow it
+    (SSTMERGE_AMX=0 forces the FMA path): both round once, on tile-aligned and ragged shapes."""
+    if amx == "1" and _amx_unavailable():
+        pytest.skip(f"AMX unavailable: {_amx_unavailable()}")
+    monkeypatch.setenv("SSTMERGE_AMX", amx)
+    O, I, k, fl = case
+    gen = torch.Generator().manual_seed(seed_of(case))
+    w = (0.05 * torch.randn(O, I, generator=gen)).bfloat16()
+    b = (0.1 * randn(O, k, device=torch.device("cpu"), layout=fl, gen=gen)).bfloat16()
+    a = (0.1 * randn(k, I, device=torch.device("cpu"), layout=fl, gen=gen)).bfloat16()
+    expect, bound = exact_once(w, b, a, -0.75), fp32_bound(w, b, a, -0.75)
+    _cpp.lora_merge_(w, b, a, -0.75, isa="avx512" if amx == "1" else runnable_isas()[0])
+    assert_rounded_once(w, expect, bound)
+
+
+def test_cpp_amx_special_values(monkeypatch):
+    """The AMX path's epilogue rounds like torch bit for bit: NaN, inf, signed zeros and subnormal
+    w, with exact power-of-two rank products (kept >= 2^-120: the tile unit flushes fp32
+    subnormal products, |b a| < 2^-126, to zero, as documented in ops/lora_merge.py)."""
+    if _amx_unavailable():
+        pytest.skip(f"AMX unavailable: {_amx_unavailable()}")
+    monkeypatch.setenv("SSTMERGE_AMX", "1")
+    gen = torch.Generator().manual_seed(11)
+    O, I = 37, 300
+    w32 = torch.randn(O, I, generator=gen) * torch.tensor(2.0).pow(torch.randint(-140, 5, (O, I), generator=gen))
+    w32[0, :7] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -3e-39])
+    w = w32.bfloat16()
+    b = torch.tensor(2.0).pow(torch.randint(-60, 0, (O, 1), generator=gen)).bfloat16()
+    a = torch.tensor(2.0).pow(torch.randint(-60, 0, (1, I), generator=gen)).bfloat16()
+    a[0, 5:9] = -a[0, 5:9]
+    expect = (w.float() + 0.5 * (b.float() @ a.float())).bfloat16()
+    _cpp.lora_merge_(w, b, a, 0.5, isa="avx512")
+    same = (w.view(torch.int16) == expect.view(torch.int16)) | (w.isnan() & expect.isnan())
+    assert same.all(), f"{int((~same).sum())} elements differ from torch's rounding"

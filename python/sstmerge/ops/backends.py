@@ -61,7 +61,14 @@ def _status(name: str) -> BackendStatus:
         mod, why = _import_compiled("_C")
         if mod is None:
             return BackendStatus(False, why + "; reinstall with `pip install .`")
-        return BackendStatus(True, None, f"isa={mod.isa()} built={','.join(mod.built_isas())}")
+        amx = mod.amx_unavailable() or "yes"  # bf16 lora_merge_ on AMX tiles
+        if amx == "yes" and mod.isa() != "avx512":
+            amx = f"unused by the {mod.isa()} variant"
+        if amx == "yes" and os.environ.get("SSTMERGE_AMX") == "0":
+            amx = "off (SSTMERGE_AMX=0)"
+        return BackendStatus(
+            True, None, f"isa={mod.isa()} built={','.join(mod.built_isas())} amx={amx}"
+        )
     if name == "cuda":
         mod, why = _import_compiled("_C_cuda")
         if mod is None:

@@ -7,6 +7,12 @@ Math (w [O, I], b [O, k], a [k, I], scalar scale):
 The rank-k product and the sum are computed in fp32 and rounded once to w's dtype (round to nearest
 even). Kernels never allocate an [O, I] temporary: the work is memory-bound (one read and one write
 of w; the product costs 2*O*I*k flops).
+
+On the cpp backend, bf16 w with bf16 factors runs on Intel AMX tiles where the CPU has AMX-BF16
+and Linux grants the tile state (``sstmerge.ops.backends()["cpp"].detail`` says ``amx=yes`` or why
+not; ``SSTMERGE_AMX=0`` turns it off). The tile unit multiplies bf16 exactly and sums in fp32 like
+the FMA path, in another order; it treats fp32-subnormal rank products (|b[o, j] a[j, i]| below
+2^-126, about 1.2e-38) as zero.
 """
 
 from __future__ import annotations
