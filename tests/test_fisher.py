@@ -143,6 +143,22 @@ def test_diag_lora_equals_per_sample_loop(model, batches, backend):
     assert int(res.meta["peak_memory_bytes"]) > 0
 
 
+def test_output_head_runs_only_on_counted_positions(model, batches):
+    """The output head sees only positions whose next token is counted in some sample of the
+    batch (transformers' logits_to_keep): with prompts labelled -100 that is fewer than T - 1, and
+    the estimate still equals the per-sample loop (test above)."""
+    head = model.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        estimate(model, batches, kind="diag", target="lora", backend="torch", progress=False)
+    finally:
+        handle.remove()
+    want = [int((bt["labels"][:, 1:] != -100).any(0).sum()) for bt in batches]
+    assert seen == want
+    assert sum(want) < sum(bt["input_ids"].shape[1] - 1 for bt in batches)  # some were skipped
+
+
 def test_diag_mean_reduction(model, batches):
     s = estimate(model, batches, backend="torch", progress=False)
     m = estimate(model, batches, backend="torch", progress=False, reduction="mean")

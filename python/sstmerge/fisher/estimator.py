@@ -263,12 +263,31 @@ def _batch_hash(h, kw, labels) -> None:
         h.update(tensor_bytes(t.long()))
 
 
-def _accepts_position_ids(model) -> bool:
+def _accepts(model, name: str) -> bool:
+    """Whether the (base) model's forward takes the keyword ``name``."""
     base = model.get_base_model() if is_peft_model(model) else model
     try:
-        return "position_ids" in inspect.signature(base.forward).parameters
+        return name in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _accepts_position_ids(model) -> bool:
+    return _accepts(model, "position_ids")
+
+
+def _counted_logits(model, kw: dict, counted: Tensor, keep: bool) -> Tensor:
+    """The logits of the counted positions, [N, V] (N = counted.sum(); counted [B, T-1] marks the
+    positions whose next token is a label). With ``keep`` (the model takes transformers'
+    ``logits_to_keep``), the output head runs only on the positions counted in some sample of the
+    batch: prompt and padding positions skip the [*, d] x [d, V] product and the [B, T, V] logits
+    never exist. Positions are per batch (one index list for every sample), as every transformers
+    version since 4.50 supports."""
+    if not keep:
+        return model(**kw).logits[:, :-1][counted]
+    pos = counted.any(0).nonzero().squeeze(1)  # [P], ascending
+    logits = model(**kw, logits_to_keep=pos).logits  # [B, P, V]
+    return logits[counted[:, pos]]
 
 
 def _model_device(model) -> torch.device:
@@ -442,6 +461,7 @@ def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos
         gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * dist.rank())
     draws = samples if fisher == "true" else 1
     n_vocab = model.get_input_embeddings().num_embeddings
+    keep = _accepts(model, "logits_to_keep")
     flags = {m: m.training for m in model.modules()}
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = tqdm(batches, total=total, disable=not progress or dist.rank() != 0,
@@ -463,8 +483,7 @@ def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos
                 if not counted.any():
                     continue  # no loss, every gradient is zero
                 cap.clear()
-                # only the counted positions' logits: [N, V] instead of [B, T, V] in fp32
-                logits = model(**kw).logits[:, :-1][counted]
+                logits = _counted_logits(model, kw, counted, keep)
                 outs = cap.outputs()
                 for i, calls in enumerate(cap.calls):
                     if not calls:
