@@ -488,3 +488,43 @@ def test_two_gloo_ranks_equal_single_process(model, batches, tmp_path):
             assert_rel(d.tensors[k], v, 1e-5, f"rank {rank} {k}")
         for k, v in single_sub.tensors.items():
             assert_rel(s.tensors[k], v, 1e-5, f"rank {rank} {k}")
+
+
+def _failing_worker(rank, world, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world)
+    try:
+        torch.set_num_threads(1)
+        shard = make_batches()[rank::world]
+        if rank == 1:  # a bad batch on rank 1 only: it raises inside the batch loop
+            shard[0] = dict(shard[0], input_ids=shard[0]["input_ids"] + VOCAB)
+        try:
+            estimate(tiny_peft(), shard, kind="diag", backend="torch", progress=False)
+            msg = "no error"
+        except Exception as e:  # noqa: BLE001 - the test reads what each rank raised
+            msg = f"{type(e).__name__}: {e}"
+        with open(f"{out_dir}/err{rank}.txt", "w") as f:
+            f.write(msg)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_failing_rank_is_named_on_the_others(tmp_path):
+    """Rank 1 raises inside the batch loop: it re-raises its own error, and rank 0 stops with an
+    error naming rank 1, not with gloo's lost connection (or, under NCCL, a hang until the
+    watchdog timeout) in the accumulator all-reduce."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_failing_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                   join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the ranks hung after rank 1 raised")
+    err0, err1 = ((tmp_path / f"err{r}.txt").read_text() for r in range(2))
+    assert err1.startswith("InputError") and "input_ids" in err1
+    assert err0.startswith("RuntimeError") and "failed on rank(s) 1" in err0

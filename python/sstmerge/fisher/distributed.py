@@ -50,6 +50,22 @@ def all_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() == 1.0)
 
 
+def raise_if_any_failed(failed: bool, device: torch.device, what: str) -> None:
+    """Collective: every rank says whether its part of ``what`` failed. Called after the part, on
+    success and on failure, it keeps a rank that raised from leaving the others in the next
+    all-reduce (a lost connection under gloo, a hang until the watchdog timeout under NCCL). A failed rank returns (and then re-raises its own error); the others raise
+    a RuntimeError naming the failed ranks. No-op without torch.distributed."""
+    if not active():
+        return
+    t = torch.zeros(world_size(), dtype=torch.float64, device=device)
+    t[rank()] = 1.0 if failed else 0.0
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    bad = [r for r, v in enumerate(t.tolist()) if v]
+    if bad and not failed:
+        raise RuntimeError(f"{what} failed on rank(s) {', '.join(map(str, bad))} (see the error "
+                           f"there); rank {rank()} finished its shard and stops too")
+
+
 def combine_hashes(h: str) -> str:
     """The hash of every rank's ``h`` in rank order (``h`` itself without torch.distributed)."""
     if not active():

@@ -397,8 +397,13 @@ def estimate(
 
     plan = _Plan(model, kind, target, layers, subs, sketch_dim, seed, backend, device)
     mem = _PeakMemory(device)
-    counts, data_h_local = _run(model, batches, plan, fisher, samples, seed, device, accepts_pos,
-                                progress, kind)
+    try:
+        counts, data_h_local = _run(model, batches, plan, fisher, samples, seed, device, accepts_pos,
+                                    progress, kind)
+    except BaseException:
+        dist.raise_if_any_failed(True, device, "Fisher estimation")
+        raise
+    dist.raise_if_any_failed(False, device, "Fisher estimation")
 
     accs = list(plan.acc.values())
     dist.all_reduce_sum_(accs)
