@@ -106,6 +106,45 @@ static inline void micro(int64_t K, const float* __restrict A, const float* __re
     }
 }
 
+// ---- row micro-kernel: A read in place ----
+// C[r, :] (= or +=) sum_{k<K} X_r[k] Bp[k, :] for r < mr, with the RM rows X_r given by pointers to
+// fp32 runs contiguous along k (rows r >= mr are not read) and Bp packed K x NR. For row-major
+// activations whose contiguous dim is the reduction (y = x Q): the broadcasts come straight from the
+// rows, so x needs no transposed packing. RM x NV accumulators + NV B vectors + 1 broadcast fit the
+// register file, and the RM row pointers the general-purpose registers.
+constexpr int RM = VW == 16 ? 12 : 6;
+
+template <bool ADD>
+static inline void micro_rows(int64_t K, const float* const* X, const float* __restrict Bp, float* C,
+                              int64_t ldc, int mr) {
+  const float* x[RM];
+#pragma GCC unroll 16
+  for (int i = 0; i < RM; ++i) x[i] = X[i < mr ? i : 0];
+  vf acc[RM][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < RM; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = vf{};
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = *reinterpret_cast<const vf*>(Bp + k * NR + j * VW);
+#pragma GCC unroll 16
+    for (int i = 0; i < RM; ++i) {
+      const vf xi = vbcast(x[i][k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] += xi * b[j];
+    }
+  }
+  for (int i = 0; i < mr; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      float* c = C + i * ldc + j * VW;
+      vstore(c, ADD ? vload(c) + acc[i][j] : acc[i][j]);
+    }
+}
+
 // ---- packing ----
 // dst[(p * K + k) * P + j] = w_k * X[off[k] + (c0 + p * P + j) * s] for the n columns of the block,
 // zero-padded to whole panels of width P. Converts the dtype and applies the mask weight once.

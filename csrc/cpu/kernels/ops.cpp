@@ -16,13 +16,12 @@ namespace {
 // Active (mask != 0) tokens of each sample b of a [B, T, *] pair: their element offsets in x and g
 // and their mask weights, packed at [b * T, b * T + count[b]).
 struct TokenLists {
-  std::vector<int64_t> xo, go, tok, count;
+  std::vector<int64_t> xo, go, count;
   std::vector<float> w;
   TokenLists(const Tensor& x, const Tensor& g, const float* mask) {
     const int64_t B = x.size[0], T = x.size[1];
     xo.resize(size_t(B * T));
     go.resize(size_t(B * T));
-    tok.resize(size_t(B * T));
     w.resize(size_t(B * T));
     count.assign(size_t(B), 0);
     for (int64_t b = 0; b < B; ++b) {
@@ -32,7 +31,6 @@ struct TokenLists {
         if (m == 0.0f) continue;  // a masked token costs nothing
         xo[b * T + c] = b * x.stride[0] + t * x.stride[1];
         go[b * T + c] = b * g.stride[0] + t * g.stride[1];
-        tok[b * T + c] = t;
         w[b * T + c] = m;
         ++c;
       }
@@ -160,54 +158,118 @@ void diag_fisher_linear(float* out, const Tensor& x, const Tensor& g, const floa
 }
 
 // ---------------------------------------------------------------------------------------------
-// subspace_grads: out[b] = sum_t mask[b,t] (q_out^T g_bt)(q_in^T x_bt)^T. Project first (two GEMMs
-// with K = I and K = O, compute-bound, 2*B*T*(I*m_i + O*m_o) flops), then the small per-sample
-// product over the active tokens. Memory: T * (m_i + m_o) fp32 per thread.
+// subspace_grads: out[b] = sum_t mask[b,t] (q_out^T g_bt)(q_in^T x_bt)^T. Project first, then the
+// small per-sample product: per sample, over its K active tokens only (masked ones are skipped),
+//   px[c, :] = x_bt_c q_in,  pg[c, :] = g_bt_c q_out      (2*K*(I*m_i + O*m_o) flops, compute-bound)
+//   out[b]   = sum_c w_c pg[c, :]^T px[c, :]               (gemm_atb, 2*K*m_o*m_i flops)
+// q_in / q_out are packed once as fp32 panels of NR columns (zero-padded, shared by all threads).
+// The projections run micro_rows on blocks of RM token rows read in place (fp32, unit stride) or
+// converted into a small fp32 scratch (bf16/fp16, strided), over SG_KC-long slices of the
+// reduction dim: the tile accumulates in registers over a whole slice, whose q panel (SG_KC x NR
+// fp32, 128 KB on AVX-512) stays in L2; smaller slices (128-512) measured 10-20% slower.
+// Samples are spread over threads; with fewer samples than threads, each sample's row blocks are.
+// Memory: T * (m_i + m_o) fp32 per thread. Single thread, AVX-512, B16 T128 I=O=1024 m32 fp32 (20%
+// masked): ~0.6-0.7x the time of the torch reference (~1.8-2.3 ms vs ~2.9-3.3 ms).
 // ---------------------------------------------------------------------------------------------
+constexpr int64_t SG_KC = 1024;
+
+namespace {
+// Packed fp32 panels [panel][k][NR] of q [K, m]; ld = their padded width.
+struct QPanels {
+  int64_t K, np, ld;
+  Buf p;
+  explicit QPanels(const Tensor& q)
+      : K(q.size[0]), np((q.size[1] + NR - 1) / NR), ld(np * NR), p(K * ld) {
+    std::vector<int64_t> off(static_cast<size_t>(K));
+    for (int64_t k = 0; k < K; ++k) off[k] = k * q.stride[0];
+    pack<NR>(p.p, q.ptr, q.dt, off.data(), nullptr, K, q.stride[1], 0, q.size[1]);
+  }
+};
+
+// Y[c, :] = v[off[c], :] q for c < n (rows of v at element offsets off; Y row stride q.ld).
+// conv: RM * SG_KC floats of scratch for the rows that are not fp32 with unit stride.
+void project(float* Y, const Tensor& v, const int64_t* off, int64_t n, const QPanels& q,
+             float* conv) {
+  const int64_t K = q.K, s = v.stride[2];
+  const bool direct = v.dt == kFloat32 && s == 1;
+  for (int64_t k0 = 0; k0 < K; k0 += SG_KC) {
+    const int64_t kc = std::min(SG_KC, K - k0);
+    for (int64_t r0 = 0; r0 < n; r0 += RM) {
+      const int mr = int(std::min<int64_t>(RM, n - r0));
+      const float* rows[RM];
+      for (int r = 0; r < mr; ++r) {
+        const int64_t o = off[r0 + r] + k0 * s;
+        if (direct) {
+          rows[r] = static_cast<const float*>(v.ptr) + o;
+        } else {
+          load_strided(conv + r * SG_KC, elem(v.ptr, v.dt, o), v.dt, s, kc, 1.0f);
+          rows[r] = conv + r * SG_KC;
+        }
+      }
+      for (int64_t p = 0; p < q.np; ++p) {
+        const float* bp = q.p.p + (p * K + k0) * NR;
+        float* c = Y + r0 * q.ld + p * NR;
+        if (k0 == 0) {
+          micro_rows<false>(kc, rows, bp, c, q.ld, mr);
+        } else {
+          micro_rows<true>(kc, rows, bp, c, q.ld, mr);
+        }
+      }
+    }
+  }
+}
+}  // namespace
+
 void subspace_grads(float* out, const Tensor& x, const Tensor& g, const Tensor& q_in,
                     const Tensor& q_out, const float* mask, int nthreads) {
-  const int64_t B = x.size[0], T = x.size[1], I = x.size[2], O = g.size[2];
+  const int64_t B = x.size[0], T = x.size[1];
   const int64_t mi = q_in.size[1], mo = q_out.size[1];
   if (B == 0 || mi == 0 || mo == 0) return;
   std::fill(out, out + B * mo * mi, 0.0f);
   if (T == 0) return;
   TokenLists tl(x, g, mask);
-  std::vector<int64_t> xi(static_cast<size_t>(I)), qi(static_cast<size_t>(I));
-  std::vector<int64_t> go(static_cast<size_t>(O)), qo(static_cast<size_t>(O));
-  for (int64_t i = 0; i < I; ++i) xi[i] = i * x.stride[2], qi[i] = i * q_in.stride[0];
-  for (int64_t o = 0; o < O; ++o) go[o] = o * g.stride[2], qo[o] = o * q_out.stride[0];
-  const int nt = std::max(1, nthreads);
-  const bool per_thread = B >= nt;  // samples across threads, else threads inside each GEMM
-  auto one = [&](int64_t b, float* px, float* pg, int inner) {
-    const int64_t K = tl.count[b];
-    if (K == 0) return;
-    // px[t, :] = x[b, t, :] q_in  (all T tokens; masked ones get weight 0 below)
-    gemm_atb(T, mi, KRows{I, xi.data(), qi.data(), nullptr},
-             Operand{elem(x.ptr, x.dt, b * x.stride[0]), x.dt, x.stride[1]},
-             Operand{q_in.ptr, q_in.dt, q_in.stride[1]}, px, mi, false, false, inner);
-    gemm_atb(T, mo, KRows{O, go.data(), qo.data(), nullptr},
-             Operand{elem(g.ptr, g.dt, b * g.stride[0]), g.dt, g.stride[1]},
-             Operand{q_out.ptr, q_out.dt, q_out.stride[1]}, pg, mo, false, false, inner);
-    // out[b] = sum over active tokens of w_t pg[t]^T px[t]
-    std::vector<int64_t> ao(static_cast<size_t>(K)), bo(static_cast<size_t>(K));
-    for (int64_t c = 0; c < K; ++c) {
-      const int64_t t = tl.tok[b * T + c];
-      ao[c] = t * mo, bo[c] = t * mi;
-    }
-    gemm_atb(mo, mi, KRows{K, ao.data(), bo.data(), tl.w.data() + b * T},
+  const QPanels qi(q_in), qo(q_out);
+  // row c of pg / px, for the product's k list
+  std::vector<int64_t> ao(static_cast<size_t>(T)), bo(static_cast<size_t>(T));
+  for (int64_t c = 0; c < T; ++c) ao[c] = c * qo.ld, bo[c] = c * qi.ld;
+  auto product = [&](int64_t b, const float* px, const float* pg, int inner) {
+    gemm_atb(mo, mi, KRows{tl.count[b], ao.data(), bo.data(), tl.w.data() + b * T},
              Operand{pg, kFloat32, 1}, Operand{px, kFloat32, 1}, out + b * mo * mi, mi, false,
              false, inner);
   };
-  if (per_thread) {
-#pragma omp parallel num_threads(nt)
+  const int nt = std::max(1, nthreads);
+  if (B >= nt) {  // one sample per thread at a time
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
-      Buf px(T * mi), pg(T * mo);
+      Buf px(T * qi.ld), pg(T * qo.ld), conv(RM * SG_KC);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < B; ++b) one(b, px.p, pg.p, 1);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t K = tl.count[b];
+        if (K == 0) continue;
+        project(px.p, x, tl.xo.data() + b * T, K, qi, conv.p);
+        project(pg.p, g, tl.go.data() + b * T, K, qo, conv.p);
+        product(b, px.p, pg.p, 1);
+      }
     }
-  } else {
-    Buf px(T * mi), pg(T * mo);
-    for (int64_t b = 0; b < B; ++b) one(b, px.p, pg.p, nt);
+    return;
+  }
+  // fewer samples than threads: the row blocks of each sample across the threads
+  Buf px(T * qi.ld), pg(T * qo.ld);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t K = tl.count[b];
+    if (K == 0) continue;
+    const int64_t nblk = (K + RM - 1) / RM;
+#pragma omp parallel num_threads(int(std::min<int64_t>(nt, nblk))) if (nblk > 1)
+    {
+      Buf conv(RM * SG_KC);
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t c0 = blk * RM, n = std::min<int64_t>(RM, K - c0);
+        project(px.p + c0 * qi.ld, x, tl.xo.data() + b * T + c0, n, qi, conv.p);
+        project(pg.p + c0 * qo.ld, g, tl.go.data() + b * T + c0, n, qo, conv.p);
+      }
+    }
+    product(b, px.p, pg.p, nt);
   }
 }
 
