@@ -445,19 +445,26 @@ void lora_direct(const Tensor& w, int64_t k, const float* bf, const float* apk, 
 //   kc  rank terms per tile product (even, <= 32); kpad a multiple of kc.
 
 void pack_amx(const Tensor& a, const Tensor& b, int64_t kpad, uint16_t* bp, uint32_t* ap) {
-  const int64_t k = b.size[1], O = b.size[0], I = a.size[1];
+  const int64_t k = b.size[1], O = b.size[0], I = a.size[1], k2 = kpad / 2;
   const uint16_t* pa = static_cast<const uint16_t*>(a.ptr);
   const uint16_t* pb = static_cast<const uint16_t*>(b.ptr);
-  for (int64_t o = 0; o < O; ++o)
-    for (int64_t kk = 0; kk < kpad; ++kk)
-      bp[o * kpad + kk] = kk < k ? pb[o * b.stride[0] + kk * b.stride[1]] : 0;
-  auto at = [&](int64_t r, int64_t c) -> uint32_t {
-    return r < k ? pa[r * a.stride[0] + c * a.stride[1]] : 0u;
-  };
-  for (int64_t p = 0; p < I / 16; ++p)
-    for (int64_t q = 0; q < kpad / 2; ++q)
+  for (int64_t o = 0; o < O; ++o) {
+    const uint16_t* src = pb + o * b.stride[0];
+    uint16_t* dst = bp + o * kpad;
+    for (int64_t kk = 0; kk < k; ++kk) dst[kk] = src[kk * b.stride[1]];
+    for (int64_t kk = k; kk < kpad; ++kk) dst[kk] = 0;
+  }
+  // rows 2q and 2q + 1 of a, column by column (contiguous runs when a's rows are: vectorised)
+  std::vector<uint16_t> lo(size_t(I / 16 * 16)), hi(size_t(I / 16 * 16));
+  for (int64_t q = 0; q < k2; ++q) {
+    for (int64_t c = 0; c < I / 16 * 16; ++c) {
+      lo[c] = 2 * q < k ? pa[2 * q * a.stride[0] + c * a.stride[1]] : 0;
+      hi[c] = 2 * q + 1 < k ? pa[(2 * q + 1) * a.stride[0] + c * a.stride[1]] : 0;
+    }
+    for (int64_t p = 0; p < I / 16; ++p)
       for (int64_t j = 0; j < 16; ++j)
-        ap[(p * (kpad / 2) + q) * 16 + j] = at(2 * q, p * 16 + j) | (at(2 * q + 1, p * 16 + j) << 16);
+        ap[(p * k2 + q) * 16 + j] = uint32_t(lo[p * 16 + j]) | (uint32_t(hi[p * 16 + j]) << 16);
+  }
 }
 
 __attribute__((target("amx-tile,amx-bf16"))) void lora_amx(const Tensor& w, int64_t k, int64_t kc,

@@ -20,7 +20,7 @@ import importlib
 import importlib.util
 import os
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -132,3 +132,35 @@ def resolve(backend: str, device: torch.device) -> str:
 def glue(backend: str):
     """The Python module that calls a backend's kernels (one function per op)."""
     return importlib.import_module(f"sstmerge.ops._{backend}")
+
+
+def _plain_eager(tensors) -> bool:
+    """Plain eager mode on plain tensors: no torch.compile tracing, no dispatch mode (fake tensors,
+    meta or functional modes), no tensor subclass or functorch wrapper, nothing autograd tracks."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if (type(t) is not torch.Tensor or t.requires_grad
+                or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+            return False
+    return True
+
+
+def dispatch(op, impl, *args, mutated: Sequence[torch.Tensor] = ()):
+    """Run one op: ``impl(*args)`` (the body of the registered custom op ``op``) directly in plain
+    eager mode, else through ``op`` (torch.compile, fake tensors, export, autograd-tracked inputs).
+
+    Both run the same code. The direct call skips torch.library's Python dispatch layers, measured
+    at 30 us per call with warm caches and ~150-200 us right after a kernel that streamed 32 MB
+    (a tenth of a 4096 x 4096 bf16 lora_merge_). ``mutated`` tensors get their version counter
+    bumped as the op's ADInplaceOrView kernel would."""
+    if not _plain_eager(a for a in args if isinstance(a, torch.Tensor)):
+        return op(*args)
+    out = impl(*args)
+    for t in mutated:
+        torch.autograd.graph.increment_version(t)
+    return out

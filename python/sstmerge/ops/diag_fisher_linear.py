@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends import glue, resolve
+from .backends import dispatch, glue, resolve
 
 OP = "diag_fisher_linear"
 
@@ -44,11 +44,13 @@ def _validate(x, g, mask) -> None:
     _checks.mask(OP, mask, x.shape[:2])
 
 
-@torch.library.custom_op("sstmerge::diag_fisher_linear", mutates_args=())
-def diag_fisher_linear_op(x: Tensor, g: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
+def _diag_fisher_linear(x: Tensor, g: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
     if backend == "torch":
         return diag_fisher_linear_reference(x, g, mask)
     return glue(backend).diag_fisher_linear(x, g, mask)
+
+
+diag_fisher_linear_op = torch.library.custom_op("sstmerge::diag_fisher_linear", mutates_args=())(_diag_fisher_linear)
 
 
 @diag_fisher_linear_op.register_fake
@@ -66,4 +68,4 @@ def diag_fisher_linear(
     "triton".
     """
     _validate(x, g, mask)
-    return diag_fisher_linear_op(x, g, mask, resolve(backend, x.device))
+    return dispatch(diag_fisher_linear_op, _diag_fisher_linear, x, g, mask, resolve(backend, x.device))

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from . import _checks
-from .backends import glue, resolve
+from .backends import dispatch, glue, resolve
 
 OP_FACTOR = "kfac_factor"
 OP_SKETCH = "kfac_sketch"
@@ -51,11 +51,13 @@ def _validate_x(op, x, mask) -> None:
     _checks.mask(op, mask, x.shape[:-1])
 
 
-@torch.library.custom_op("sstmerge::kfac_factor", mutates_args=())
-def kfac_factor_op(x: Tensor, mask: Optional[Tensor], q: Optional[Tensor], backend: str) -> Tensor:
+def _kfac_factor(x: Tensor, mask: Optional[Tensor], q: Optional[Tensor], backend: str) -> Tensor:
     if backend == "torch":
         return kfac_factor_reference(x, mask, q)
     return glue(backend).kfac_factor(x, mask, q)
+
+
+kfac_factor_op = torch.library.custom_op("sstmerge::kfac_factor", mutates_args=())(_kfac_factor)
 
 
 @kfac_factor_op.register_fake
@@ -64,11 +66,13 @@ def _(x, mask, q, backend):
     return x.new_empty((d, d), dtype=torch.float32)
 
 
-@torch.library.custom_op("sstmerge::kfac_sketch", mutates_args=())
-def kfac_sketch_op(x: Tensor, omega: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
+def _kfac_sketch(x: Tensor, omega: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
     if backend == "torch":
         return kfac_sketch_reference(x, omega, mask)
     return glue(backend).kfac_sketch(x, omega, mask)
+
+
+kfac_sketch_op = torch.library.custom_op("sstmerge::kfac_sketch", mutates_args=())(_kfac_sketch)
 
 
 @kfac_sketch_op.register_fake
@@ -85,7 +89,7 @@ def kfac_factor(
         _checks.tensor(OP_FACTOR, "q", q, ndim=2)
         _checks.dim_eq(OP_FACTOR, "q's rows (x's last dim)", q.shape[0], x.shape[-1])
     _checks.same_device(OP_FACTOR, x=x, mask=mask, q=q)
-    return kfac_factor_op(x, mask, q, resolve(backend, x.device))
+    return dispatch(kfac_factor_op, _kfac_factor, x, mask, q, resolve(backend, x.device))
 
 
 def kfac_sketch(
@@ -96,4 +100,4 @@ def kfac_sketch(
     _checks.tensor(OP_SKETCH, "omega", omega, ndim=2)
     _checks.dim_eq(OP_SKETCH, "omega's rows (x's last dim)", omega.shape[0], x.shape[-1])
     _checks.same_device(OP_SKETCH, x=x, omega=omega, mask=mask)
-    return kfac_sketch_op(x, omega, mask, resolve(backend, x.device))
+    return dispatch(kfac_sketch_op, _kfac_sketch, x, omega, mask, resolve(backend, x.device))

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from . import _checks
-from .backends import glue, resolve
+from .backends import dispatch, glue, resolve
 
 OP = "lora_merge_"
 
@@ -48,12 +48,14 @@ def _validate(w, b, a, scale) -> None:
         raise InputError(f"{OP}: w requires grad; call it under torch.no_grad()")
 
 
-@torch.library.custom_op("sstmerge::lora_merge_", mutates_args=("w",))
-def lora_merge_op(w: Tensor, b: Tensor, a: Tensor, scale: float, backend: str) -> None:
+def _lora_merge(w: Tensor, b: Tensor, a: Tensor, scale: float, backend: str) -> None:
     if backend == "torch":
         lora_merge_reference_(w, b, a, scale)
     else:
         glue(backend).lora_merge_(w, b, a, scale)
+
+
+lora_merge_op = torch.library.custom_op("sstmerge::lora_merge_", mutates_args=("w",))(_lora_merge)
 
 
 @lora_merge_op.register_fake
@@ -64,5 +66,5 @@ def _(w, b, a, scale, backend):
 def lora_merge_(w: Tensor, b: Tensor, a: Tensor, scale: float = 1.0, *, backend: str = "auto") -> Tensor:
     """In place ``w += scale * b @ a`` (fp32 product, one rounding); returns w."""
     _validate(w, b, a, scale)
-    lora_merge_op(w, b, a, float(scale), resolve(backend, w.device))
+    dispatch(lora_merge_op, _lora_merge, w, b, a, float(scale), resolve(backend, w.device), mutated=(w,))
     return w

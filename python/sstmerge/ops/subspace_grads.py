@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends import glue, resolve
+from .backends import dispatch, glue, resolve
 
 OP = "subspace_grads"
 
@@ -48,13 +48,15 @@ def _validate(x, g, q_in, q_out, mask) -> None:
     _checks.mask(OP, mask, x.shape[:2])
 
 
-@torch.library.custom_op("sstmerge::subspace_grads", mutates_args=())
-def subspace_grads_op(
+def _subspace_grads(
     x: Tensor, g: Tensor, q_in: Tensor, q_out: Tensor, mask: Optional[Tensor], backend: str
 ) -> Tensor:
     if backend == "torch":
         return subspace_grads_reference(x, g, q_in, q_out, mask)
     return glue(backend).subspace_grads(x, g, q_in, q_out, mask)
+
+
+subspace_grads_op = torch.library.custom_op("sstmerge::subspace_grads", mutates_args=())(_subspace_grads)
 
 
 @subspace_grads_op.register_fake
@@ -73,4 +75,4 @@ def subspace_grads(
 ) -> Tensor:
     """``q_out^T G_b q_in`` for every sample b; returns [B, m_o, m_i] fp32."""
     _validate(x, g, q_in, q_out, mask)
-    return subspace_grads_op(x, g, q_in, q_out, mask, resolve(backend, x.device))
+    return dispatch(subspace_grads_op, _subspace_grads, x, g, q_in, q_out, mask, resolve(backend, x.device))
