@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
+from conftest_eval import bpe_tokenizer
 from sstmerge.data.batches import IGNORE, chat_batches, mmlu_batches, training_batches
 from sstmerge.data.formats import mmlu_prompt
 from sstmerge.errors import InputError
+from sstmerge.eval.mmlu import build_requests
 from sstmerge.train import train_lora
 
 CHAT = [
@@ -166,3 +168,20 @@ def test_train_cli(tiny, tmp_path, capsys):
                            str(tmp_path / "x"), "--steps", "2"]) == 2
     assert "neither a registry dataset" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("add_bos", [True, False], ids=["bos-tokenizer", "no-bos-tokenizer"])
+def test_mmlu_rows_are_the_sequences_evaluation_scores(add_bos):
+    """Training and Fisher rows for MMLU are tokenised exactly as sstmerge.eval.mmlu (lm-eval
+    0.4.13) scores the correct answer: with a Llama/Mistral-like tokenizer that prepends BOS the
+    row starts with BOS, and the counted tokens are the scored continuation."""
+    tok = bpe_tokenizer(add_bos=add_bos)
+    batch = next(mmlu_batches(tok, MMLU, batch_size=len(MMLU)))
+    rows, reqs = build_requests(tok, MMLU, {}, add_bos_token=None, max_length=10_000)
+    for i, item in enumerate(MMLU):
+        row, cont = reqs[i][item["answer"]]
+        n = int(batch["attention_mask"][i].sum())
+        ids, lab = batch["input_ids"][i][:n].tolist(), batch["labels"][i][:n]
+        assert ids[:-1] == rows[row] and ids[-len(cont):] == cont  # the scored input + continuation
+        assert lab[lab != IGNORE].tolist() == cont
+        assert (ids[0] == tok.bos_token_id) == add_bos

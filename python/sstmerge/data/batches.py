@@ -5,9 +5,12 @@ Both follow the Hugging Face convention: ``labels`` equals ``input_ids`` on the 
 turn including its end-of-turn token); for MMLU rows only the answer continuation " A".." D" counts.
 Padding is on the right. Used by LoRA training (sstmerge.train) and by Fisher estimation.
 
-MMLU rows are tokenised as lm-evaluation-harness scores them: no special tokens added, the context is
-:func:`sstmerge.data.formats.mmlu_prompt` and the continuation's tokens are those of
-``encode(context + continuation)`` beyond ``encode(context)``.
+MMLU rows are tokenised as lm-evaluation-harness 0.4.13 scores them (:func:`encode_pair`, which
+sstmerge.eval.mmlu uses too): the context is :func:`sstmerge.data.formats.mmlu_prompt`, the
+continuation's tokens are those of ``encode(context + continuation)`` beyond ``encode(context)``,
+and ``encode`` keeps the tokenizer's special-token default, so Llama and Mistral sequences start
+with BOS as they do when scored (Qwen's tokenizer adds none). Chat rows are rendered by the chat
+template, which writes any BOS itself, and encoded without special tokens, as generation does.
 """
 
 from __future__ import annotations
@@ -25,6 +28,37 @@ IGNORE = -100
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tok_encode(tokenizer, s: str, add_bos_token: bool | None = None) -> list[int]:
+    """lm-eval 0.4.13 ``HFLM.tok_encode`` for a causal LM: the tokenizer's own special-token
+    default when ``add_bos_token`` is None (Llama/Mistral prepend BOS, Qwen does not), else
+    ``add_special_tokens=add_bos_token``; a string that already starts with the BOS text gets no
+    second one. (lm-eval 0.4.2-0.4.8 passed ``add_special_tokens=False``: ``add_bos_token=False``.)"""
+    if add_bos_token is not None:
+        kwargs = {"add_special_tokens": add_bos_token}
+    else:
+        kwargs = {}
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if bos is not None and s.startswith(tokenizer.decode(bos)):
+            kwargs = {"add_special_tokens": False}
+    return list(tokenizer.encode(s, **kwargs))
+
+
+def encode_pair(tokenizer, context: str, continuation: str,
+                add_bos_token: bool | None = None) -> tuple[list[int], list[int]]:
+    """lm-eval 0.4.13 ``TemplateLM._encode_pair`` for a causal LM: trailing whitespace of the
+    context moves to the continuation; ``(ctx, whole[len(ctx):])`` with ``whole = encode(context +
+    continuation)``, ``ctx = encode(context)`` (:func:`tok_encode`)."""
+    if not context:
+        raise ValueError("context must not be empty")
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tok_encode(tokenizer, context + continuation, add_bos_token)
+    ctx = tok_encode(tokenizer, context, add_bos_token)
+    return ctx, whole[len(ctx):]
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
@@ -62,12 +96,10 @@ def encode_mmlu(tokenizer, item: Mapping, shots: Sequence[Mapping] = ()) -> tupl
     answer = int(item["answer"])
     if not 0 <= answer <= 3:
         raise InputError(f"MMLU item {item.get('id', '?')}: answer must be 0-3, got {answer}")
-    context = mmlu_prompt(item, shots)
-    whole = _encode(tokenizer, context + MMLU_CONTINUATIONS[answer])
-    ctx = _encode(tokenizer, context)
-    if len(ctx) >= len(whole):
+    ctx, cont = encode_pair(tokenizer, mmlu_prompt(item, shots), MMLU_CONTINUATIONS[answer])
+    if not cont:
         raise InputError(f"MMLU item {item.get('id', '?')}: the answer continuation encodes to no tokens")
-    return whole, [IGNORE] * len(ctx) + whole[len(ctx):]
+    return ctx + cont, [IGNORE] * len(ctx) + cont
 
 
 def _pad_id(tokenizer) -> int:

@@ -7,7 +7,9 @@ the continuations ``" A"`` .. ``" D"``; the prediction is the argmax of their su
 default without ``--apply_chat_template``).
 
 Tokenisation follows lm-eval 0.4.13 (``lm_eval/api/model.py`` ``TemplateLM._encode_pair`` and
-``lm_eval/models/huggingface.py`` ``HFLM.tok_encode``):
+``lm_eval/models/huggingface.py`` ``HFLM.tok_encode``), implemented once in
+:func:`sstmerge.data.batches.encode_pair`, which also tokenises MMLU rows for training and Fisher
+estimation (so an adapter is trained and measured on the sequences it is scored on):
 
 - trailing whitespace of the context moves to the front of the continuation;
 - ``whole = encode(context + continuation)``, ``ctx = encode(context)``,
@@ -40,36 +42,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from sstmerge.data.batches import encode_pair, tok_encode  # noqa: F401  (re-exported)
 from sstmerge.data.formats import MMLU_CONTINUATIONS, mmlu_prompt
 from sstmerge.errors import InputError
 from sstmerge.eval.generate import length_sorted_batches, left_pad, model_device, pad_token_id, positions
 
 _TOKENIZER_INFINITY = 1_000_000_000_000_000_019_884_624_838_656  # transformers' "no limit" value
-
-
-def tok_encode(tokenizer, s: str, add_bos_token: bool | None = None) -> list[int]:
-    """lm-eval 0.4.13 ``HFLM.tok_encode`` for a causal LM (see the module docstring)."""
-    if add_bos_token is not None:
-        kwargs = {"add_special_tokens": add_bos_token}
-    else:
-        kwargs = {}
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if bos is not None and s.startswith(tokenizer.decode(bos)):
-            kwargs = {"add_special_tokens": False}
-    return list(tokenizer.encode(s, **kwargs))
-
-
-def encode_pair(tokenizer, context: str, continuation: str, add_bos_token: bool | None = None) -> tuple[list[int], list[int]]:
-    """lm-eval 0.4.13 ``TemplateLM._encode_pair`` for a causal LM."""
-    if not context:
-        raise ValueError("context must not be empty")
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = tok_encode(tokenizer, context + continuation, add_bos_token)
-    ctx = tok_encode(tokenizer, context, add_bos_token)
-    return ctx, whole[len(ctx):]
 
 
 def resolve_max_length(model, tokenizer, default: int = 2048) -> int:
