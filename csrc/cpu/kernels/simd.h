@@ -41,9 +41,18 @@ typedef uint16_t vh __attribute__((vector_size(VW * 2)));
 typedef uint16_t vhu __attribute__((vector_size(VW * 2), aligned(2), may_alias));
 
 // bf16 <-> fp32 on whole vectors: the same bit operations as numeric.h's scalar versions.
+// (The widening is spelled with intrinsics where they exist: GCC 12 compiles the generic
+// __builtin_convertvector of 16 x u16 as two 8-lane halves plus an insert, 6 instructions instead
+// of 2, which cost ~0.3 ms of a 4096 x 4096 bf16 lora_merge_.)
 static inline vf bf16v_to_f32(const uint16_t* p) {
+#if defined(SSTM_ISA_avx512)
+  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif defined(SSTM_ISA_avx2)
+  return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
   vu u = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
   return reinterpret_cast<vf&>(u);
+#endif
 }
 static inline void f32_to_bf16v(uint16_t* p, vf v) {
   const vu u = reinterpret_cast<vu&>(v);
