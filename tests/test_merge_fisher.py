@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sstmerge import adapters as ad
 from sstmerge.errors import cli_main
@@ -95,3 +96,38 @@ def test_cli_estimates_the_fisher_from_data(chat_world, tmp_path, capsys):
                            "--alpha", "1", "--out", str(tmp_path / "o2"), "--safety-data", str(bad), "--utility-data", str(ud)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not valid JSON" in err[0] and not (tmp_path / "o2").exists()
+
+
+def test_cli_true_fisher_labels(chat_world, tmp_path, capsys):
+    """--fisher-labels true estimates with labels drawn from the model (K seeded draws): a different
+    Fisher from the empirical one, cached under its own key; the flags are refused without data."""
+    from sstmerge.fisher import FisherResult
+    from sstmerge.merge.__main__ import main
+
+    root, base, u, s = chat_world
+    sd, ud = tmp_path / "s.jsonl", tmp_path / "u.jsonl"
+    sd.write_text("".join(json.dumps(r) + "\n" for r in SAFETY))
+    ud.write_text("".join(json.dumps(r) + "\n" for r in UTILITY))
+    common = ["--method", "fisher_avg", "--base", str(base), "--utility", str(u), "--safety", str(s), "--alpha", "1",
+              "--safety-data", str(sd), "--utility-data", str(ud), "--backend", "torch", "--no-progress"]
+    fc = {}
+    for labels in ("empirical", "true"):
+        fc[labels] = tmp_path / f"fc-{labels}"
+        extra = ["--fisher-labels", "true", "--fisher-samples", "2"] if labels == "true" else []
+        code = cli_main(main, common + ["--out", str(tmp_path / f"o-{labels}"), "--fisher-cache", str(fc[labels])] + extra)
+        assert code == 0, capsys.readouterr().err
+    emp = FisherResult.load(fc["empirical"] / "safety.diag.safetensors")
+    tru = FisherResult.load(fc["true"] / "safety.diag.safetensors")
+    assert json.loads(tru.meta["options"])["fisher"] == "true" and json.loads(tru.meta["options"])["samples"] == 2
+    assert json.loads(emp.meta["options"])["fisher"] == "empirical"
+    assert tru.meta["sstmerge.merge.key"] != emp.meta["sstmerge.merge.key"]
+    assert any(not torch.equal(tru.tensors[k], emp.tensors[k]) for k in emp.tensors)
+    capsys.readouterr()
+    for bad in (["--fisher-samples", "2"], ["--fisher-labels", "true", "--fisher-samples", "0"]):
+        code = cli_main(main, common + ["--out", str(tmp_path / "bad")] + bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "--fisher-samples" in err[0] and not (tmp_path / "bad").exists()
+    no_data = [a for a in common if a not in ("--safety-data", str(sd), "--utility-data", str(ud))]
+    code = cli_main(main, no_data + ["--out", str(tmp_path / "bad"), "--fisher-labels", "true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--fisher-labels" in err[0]

@@ -1,5 +1,6 @@
 """Command line: ``python -m sstmerge.merge --method sst --base MODEL --utility DIR --safety DIR
---alpha A --out DIR [--fisher DIR | --safety-data F --utility-data F] [--dense] [--config file.yaml]``.
+--alpha A --out DIR [--fisher DIR | --safety-data F --utility-data F [--fisher-labels true
+[--fisher-samples K]]] [--dense] [--config file.yaml]``.
 
 Method options are given as ``--option key=value`` (repeatable; values parsed as YAML scalars), or
 with their own flags (``--density``, ``--rule`` ...), or under ``options:`` in the YAML config,
@@ -22,7 +23,7 @@ _OPTION_FLAGS = {  # flag -> (option name, type)
     "curvature": str, "gamma": float, "topk": int, "utility_weight": float,
 }
 _KEYS = ("method", "base", "utility", "safety", "alpha", "out", "fisher", "safety_data", "utility_data", "dense",
-         "seed", "backend", "batch_size", "fisher_cache", "options")
+         "seed", "backend", "batch_size", "fisher_cache", "fisher_labels", "fisher_samples", "options")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--utility-data", help="JSONL chat rows to estimate the utility Fisher")
     p.add_argument("--fisher-cache", help="where to keep estimated Fisher files (default: not kept)")
     p.add_argument("--batch-size", type=int, help="batch size of Fisher estimation (default 8)")
+    p.add_argument("--fisher-labels", choices=["empirical", "true"],
+                   help="Fisher estimation labels: the data's (empirical, default) or drawn from the model (true)")
+    p.add_argument("--fisher-samples", type=int,
+                   help="label draws per position for --fisher-labels true (default 1)")
     p.add_argument("--dense", action="store_true", default=None, help="also write the fused model to OUT/fused")
     p.add_argument("--seed", type=int, help="seed (DARE masks, randomized SVD); default 0")
     p.add_argument("--backend", help="kernel backend for lora_merge_ / Fisher (auto, torch, cpp, cuda, triton)")
@@ -108,6 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError("give either --fisher DIR or --safety-data/--utility-data, not both")
     if bool(val["safety_data"]) != bool(val["utility_data"]):
         raise InputError("--safety-data and --utility-data go together")
+    labels, samples = val["fisher_labels"] or "empirical", val["fisher_samples"]
+    if (val["fisher_labels"] or samples is not None) and not val["safety_data"]:
+        raise InputError("--fisher-labels/--fisher-samples apply to Fisher estimation: give them with "
+                         "--safety-data/--utility-data")
+    if labels not in ("empirical", "true"):
+        raise InputError(f"fisher_labels must be 'empirical' or 'true', got {labels!r}")
+    if samples is not None and (labels != "true" or int(samples) < 1):
+        raise InputError("--fisher-samples needs --fisher-labels true and a count >= 1")
     kw = {}
     if val["safety_data"]:
         safety_rows = _read_rows(val["safety_data"], "--safety-data")
@@ -123,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             [val["method"]], val["base"], val["utility"], val["safety"], safety_rows=safety_rows,
             utility_rows=utility_rows, cache_dir=val["fisher_cache"], backend=val["backend"] or "auto",
             seed=int(val["seed"] or 0), progress=not args.no_progress, options={val["method"]: opts},
+            fisher=labels, samples=int(samples or 1),
             **({"batch_size": int(val["batch_size"])} if val["batch_size"] else {}))
     res = merge(val["method"], val["base"], val["utility"], val["safety"], alpha=val["alpha"], fisher=val["fisher"],
                 out=val["out"], dense=bool(val["dense"]), seed=int(val["seed"] or 0), backend=val["backend"] or "auto",

@@ -245,12 +245,14 @@ def _rows_hash(rows) -> str:
 
 def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_rows, utility_rows,
             cache_dir: str | Path | None = None, backend: str = "auto", seed: int = 0, progress: bool = False,
-            batch_size: int = 8, fisher: str = "empirical") -> FisherInputs:
+            batch_size: int = 8, fisher: str = "empirical", samples: int = 1) -> FisherInputs:
     """Estimate the Fisher results ``pairs`` with :func:`sstmerge.fisher.estimate`.
 
     ``utility``/``safety`` are adapter directories. ``subspace``/``kfac`` are taken in the joint
     subspace of the two adapters (:func:`sstmerge.adapters.joint_subspace`). Results are cached in
-    ``cache_dir`` as ``{role}.{kind}.safetensors`` with a key over base, adapters, rows and options."""
+    ``cache_dir`` as ``{role}.{kind}.safetensors`` with a key over base, adapters, rows and options.
+    ``fisher``: "empirical" (labels from the data) or "true" (``samples`` label draws from the model
+    per position, seeded), as :func:`sstmerge.fisher.estimate`."""
     from .. import adapters as ad
     from ..fisher.result import FisherResult
 
@@ -268,7 +270,8 @@ def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_
         key = hashlib.sha256(json.dumps({
             "base": base_key, "utility": _file_hash(Path(utility)), "safety": _file_hash(Path(safety)),
             "role": role, "kind": kind, "rows": _rows_hash(rows[role]), "fisher": fisher, "batch_size": batch_size,
-            "seed": seed}, sort_keys=True).encode()).hexdigest()[:24]
+            "seed": seed, **({"samples": samples} if fisher == "true" else {})},
+            sort_keys=True).encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"{role}.{kind}.safetensors" if cache_dir is not None else None
         if path is not None and path.exists():
             try:
@@ -281,7 +284,8 @@ def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_
         if kind in ("subspace", "kfac") and subspaces is None:
             subspaces = ad.joint_subspace(U, S)
         fr = _estimate(base, adapters[role], rows[role], kind, subspaces, backend=backend, seed=seed,
-                       progress=progress, batch_size=batch_size, fisher=fisher, desc=f"fisher {role}.{kind}")
+                       progress=progress, batch_size=batch_size, fisher=fisher, samples=samples,
+                       desc=f"fisher {role}.{kind}")
         fr.meta = {**dict(fr.meta), "sstmerge.merge.key": key}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +294,8 @@ def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_
     return FisherInputs(results, key=_results_key(results))
 
 
-def _estimate(base, adapter_dir, rows, kind, subspaces, *, backend, seed, progress, batch_size, fisher, desc):
+def _estimate(base, adapter_dir, rows, kind, subspaces, *, backend, seed, progress, batch_size, fisher, samples,
+              desc):
     from peft import PeftModel
 
     from ..data.batches import training_batches
@@ -301,7 +306,7 @@ def _estimate(base, adapter_dir, rows, kind, subspaces, *, backend, seed, progre
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     batches = list(training_batches(tok, rows, batch_size))  # chat rows or MMLU rows (answer letter labelled)
-    kw = dict(kind=kind, target="linear" if kind == "diag" else "lora", fisher=fisher)
+    kw = dict(kind=kind, target="linear" if kind == "diag" else "lora", fisher=fisher, samples=samples)
     if kind in ("subspace", "kfac"):
         kw["subspaces"] = subspaces
     params = inspect.signature(estimate).parameters
