@@ -36,11 +36,15 @@ def make(name, O, I, r, dtype):
             pytest.skip("the AMX path is bf16 only")
 
         def no_amx():
+            before = os.environ.get("SSTMERGE_AMX")
             os.environ["SSTMERGE_AMX"] = "0"
             try:
                 return ops.lora_merge_(w, b, a, 2.0, backend="cpp")
             finally:
-                del os.environ["SSTMERGE_AMX"]
+                if before is None:
+                    del os.environ["SSTMERGE_AMX"]
+                else:
+                    os.environ["SSTMERGE_AMX"] = before
 
         want = (w.double() + 2.0 * (b.double() @ a.double())).to(dtype)
         w0 = w.clone()

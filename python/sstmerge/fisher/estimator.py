@@ -272,10 +272,6 @@ def _accepts(model, name: str) -> bool:
         return False
 
 
-def _accepts_position_ids(model) -> bool:
-    return _accepts(model, "position_ids")
-
-
 def _counted_logits(model, kw: dict, counted: Tensor, keep: bool) -> Tensor:
     """The logits of the counted positions, [N, V] (N = counted.sum(); counted [B, T-1] marks the
     positions whose next token is a label). With ``keep`` (the model takes transformers'
@@ -376,7 +372,7 @@ def estimate(
         "layers": [L.name for L in layers],
         "subspaces": _subspace_hash(subs) if subs else None,
     }
-    accepts_pos = _accepts_position_ids(model)
+    accepts_pos = _accepts(model, "position_ids")
 
     desc = _cache.describe(model)
     model_h = entry = None

@@ -23,6 +23,7 @@ import warnings
 from typing import NamedTuple, Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import InputError
 
@@ -137,8 +138,6 @@ def glue(backend: str):
 def _plain_eager(tensors) -> bool:
     """Plain eager mode on plain tensors: no torch.compile tracing, no dispatch mode (fake tensors,
     meta or functional modes), no tensor subclass or functorch wrapper, nothing autograd tracks."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     for t in tensors:
