@@ -141,6 +141,8 @@ def test_sst_failure_stops_the_run_without_results(tmp_path, monkeypatch):
         (["--utility-adapter", "/nonexistent"], "tiny world trains its own adapters"),
         (["--alphas", "-1"], "--alphas must lie in"),
         (["--mmlu-n", "0"], "--mmlu-n must be positive"),
+        (["--alpha-grid", "1"], "unrecognized arguments: --alpha-grid"),
+        (["--mmlu-n", "many"], "--mmlu-n: invalid int value"),
     ],
 )
 def test_bad_input_exit_2_one_line_no_output(tmp_path, args, needle):

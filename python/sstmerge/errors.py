@@ -8,12 +8,22 @@ propagate with its traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, Sequence
 
 
 class InputError(ValueError):
     """Bad input (files, adapters, models, data, arguments) that the user can fix."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse for the package's command lines: a bad or unknown flag is an InputError, so
+    :func:`cli_main` prints one line and exits with status 2 (argparse's own error prints the whole
+    usage block first)."""
+
+    def error(self, message):
+        raise InputError(f"{message} (see {self.prog} --help)")
 
 
 def cli_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__, io, stats
-from .errors import InputError, cli_main
+from .errors import CliParser, InputError, cli_main
 
 STAGES = ("prepare", "fisher", "merge", "evaluate", "stats", "report")
 FINAL_OUTPUTS = ("results.json", "report.md", "safety_utility.png")
@@ -71,7 +71,7 @@ class Config:
 def _parser() -> argparse.ArgumentParser:
     from .merge import DEFAULT_ALPHAS, METHODS
 
-    p = argparse.ArgumentParser(
+    p = CliParser(
         prog="python -m sstmerge.exp1",
         description="The Safety Tax experiment: baseline vs SST-Merge and baselines, with paired statistics.",
     )

@@ -21,22 +21,17 @@ from typing import Sequence
 
 import torch
 
-from sstmerge.errors import InputError, cli_main
+from sstmerge.errors import CliParser, InputError, cli_main
 from sstmerge.data.files import load_items
 from sstmerge.eval.dist import is_main
 from sstmerge.eval.summary import per_subject, summarize
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, through cli_main
-        raise InputError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from sstmerge.eval.vllm_backend import vllm_status  # noqa: PLC0415
 
     backends = ["hf"] + (["vllm"] if vllm_status()[0] else [])
-    p = _Parser(prog="python -m sstmerge.eval", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="python -m sstmerge.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("task", choices=["mmlu", "refusal", "over-refusal"])
     p.add_argument("--model", required=True, help="registry name (tiny, mistral-7b, ...), local directory or HF id")
     p.add_argument("--adapter", help="peft LoRA adapter directory to apply to the model")

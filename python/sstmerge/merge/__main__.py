@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import InputError, cli_main
+from ..errors import CliParser, InputError, cli_main
 
 _OPTION_FLAGS = {  # flag -> (option name, type)
     "density": float, "lam": float, "variant": str, "eps": float, "rank": int, "offdiag": float,
@@ -26,16 +26,11 @@ _KEYS = ("method", "base", "utility", "safety", "alpha", "out", "fisher", "safet
          "seed", "backend", "batch_size", "fisher_cache", "fisher_labels", "fisher_samples", "options")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 through cli_main, like every other bad input
-        raise InputError(f"{message} (see python -m sstmerge.merge --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
     from . import METHODS
 
-    p = _Parser(prog="python -m sstmerge.merge", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog="python -m sstmerge.merge", description=__doc__.split("\n\n")[0],
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with the same keys (method, base, utility, safety, alpha, out, ..., options: {...})")
     p.add_argument("--method", choices=sorted(METHODS))
     p.add_argument("--base", help="base model directory (or a name in the local Hugging Face cache)")

@@ -9,18 +9,17 @@ rows. Errors in the input print one line and exit with status 2.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import InputError, cli_main
+from ..errors import CliParser, InputError, cli_main
 from .lora import DEFAULT_TARGET_MODULES, train_lora
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..data import registry
 
-    p = argparse.ArgumentParser(prog="python -m sstmerge.train", description=__doc__.split("\n")[0])
+    p = CliParser(prog="python -m sstmerge.train", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="tiny | mistral-7b | llama-3.1-8b | qwen2.5-14b | PATH")
     p.add_argument("--data", required=True, help="registry name (safety-train, utility-train, ...) or a JSONL file")
     p.add_argument("--out", required=True, help="adapter directory to write")
