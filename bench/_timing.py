@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,34 @@ def write_results(tables: dict[str, list[dict]]) -> list[Path]:
         tmp.replace(p)
         paths.append(p)
     return paths
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each candidate: one warm-up call each, then ``rounds`` rounds calling
+    every candidate once in turn, so that a change of load hits all of them alike."""
+    for f in fns.values():
+        f()
+    ts: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[n].append(time.perf_counter() - t0)
+    return ts
+
+
+def check_target(mode: Mode, what: str, op: Callable[[], object], limit: Callable[[], object],
+                 bound: float) -> None:
+    """DESIGN.md section 8: ``op`` takes at most ``bound`` x the time of ``limit``, on the medians of
+    interleaved rounds (minima printed too). Asserted in full mode only: quick-mode shapes are too
+    small for the targets."""
+    ts = interleaved({"op": op, "limit": limit}, max(5, mode.rounds))
+    med = statistics.median(ts["op"]) / statistics.median(ts["limit"])
+    mn = min(ts["op"]) / min(ts["limit"])
+    print(f"\n{what}: {med:.2f}x the limit (median; min {mn:.2f}x), target <= {bound}x, "
+          f"load {machine()['load_avg']}")
+    if mode.full:
+        assert med <= bound, f"{what}: {med:.2f}x the limit (median) > {bound}x"
 
 
 def assert_agree(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> None:

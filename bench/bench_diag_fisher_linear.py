@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sstmerge.ops as ops
-from _timing import assert_agree, run
+from _timing import assert_agree, check_target, run
 
 CANDIDATES = ["gemm_limit", "cpp", "torch_reference", "backpack_sumgradsquared",
               "opacus_grad_sample", "torch_func_vmap", "bmm_materialised"]
@@ -92,3 +92,9 @@ def bench_diag_fisher_linear(benchmark, mode, problem, name):
     role = {"gemm_limit": "limit", "cpp": "cpp", "torch_reference": "reference"}.get(name, "peer")
     run(benchmark, fn, mode, group=f"diag_fisher_linear B{x.shape[0]} T{x.shape[1]} I{x.shape[2]} "
         f"O{g.shape[2]} fp32", role=role, setup=setup, dtype="float32", shape=tuple(x.shape) + (g.shape[2],))
+
+
+def bench_diag_fisher_linear_target(mode, problem):
+    """DESIGN.md section 8: cpp <= 1.2x the equal-flop GEMM (asserted in full mode)."""
+    x, g, _ = problem
+    check_target(mode, "diag_fisher_linear cpp", make("cpp", x, g)[0], make("gemm_limit", x, g)[0], 1.2)

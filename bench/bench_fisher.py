@@ -32,14 +32,14 @@ Run: ``python -m pytest bench/bench_fisher.py -s`` (add ``--full`` for the full 
 
 from __future__ import annotations
 
+import functools
 import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _timing import assert_agree, machine, run
+from _timing import assert_agree, interleaved, machine, run
 from sstmerge.fisher import estimate
 from sstmerge.ops import backends
 
@@ -227,14 +227,8 @@ def bench_fisher_diag_speedup(mode, problem):
     """The DESIGN.md section 8 target, asserted on interleaved medians (and reported with minima)."""
     model, batches, s = problem
     names = ["fwd_bwd_limit", "estimate_cpp", "torch_func_vmap", "per_sample_loop"]
-    for n in names:
-        RUNNERS[n](model, batches, s["target"])  # warm-up
-    ts = {n: [] for n in names}
-    for _ in range(max(3, mode.rounds // 3)):
-        for n in names:
-            t0 = time.perf_counter()
-            RUNNERS[n](model, batches, s["target"])
-            ts[n].append(time.perf_counter() - t0)
+    ts = interleaved({n: functools.partial(RUNNERS[n], model, batches, s["target"]) for n in names},
+                     max(3, mode.rounds // 3))
     med = {n: statistics.median(v) for n, v in ts.items()}
     mn = {n: min(v) for n, v in ts.items()}
     m = machine()

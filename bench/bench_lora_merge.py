@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sstmerge.ops as ops
-from _timing import assert_agree, run
+from _timing import assert_agree, check_target, run
 
 CANDIDATES = ["copy_limit", "cpp", "cpp_no_amx", "torch_reference", "peft_merge"]
 
@@ -84,3 +84,11 @@ def bench_lora_merge(benchmark, mode, name, dtype):
     role = {"copy_limit": "limit", "cpp": "cpp", "cpp_no_amx": "cpp", "torch_reference": "reference"}.get(name, "peer")
     run(benchmark, fn, mode, group=f"lora_merge_ {O}x{I} r{r} {str(dtype)[6:]}", role=role,
         setup=setup, dtype=dtype, shape=(O, I, r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def bench_lora_merge_target(mode, dtype):
+    """DESIGN.md section 8: cpp <= 1.5x a copy of w, fp32 and bf16 (asserted in full mode)."""
+    O, I, r = (4096, 4096, 16) if mode.full else (1024, 1024, 16)
+    check_target(mode, f"lora_merge_ cpp {str(dtype)[6:]}", make("cpp", O, I, r, dtype)[0],
+                 make("copy_limit", O, I, r, dtype)[0], 1.5)
