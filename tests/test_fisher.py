@@ -414,6 +414,25 @@ def test_save_load_round_trip(model, batches, tmp_path):
         FisherResult.load(tmp_path / "missing.safetensors")
 
 
+def test_result_is_a_read_only_mapping_and_loads_lazily(model, batches, tmp_path):
+    res = estimate(model, batches, kind="kfac", backend="torch", progress=False)
+    p = tmp_path / "f.safetensors"
+    res.save(p)
+    back = FisherResult.load(p)
+    for r in (res, back):
+        name = next(iter(res.tensors))
+        assert name in r and "no such tensor" not in r and 0 not in r  # was KeyError: 0
+        assert len(r) == len(res.tensors) and sorted(r) == sorted(res.tensors)
+        assert sorted(r.keys()) == sorted(res.tensors) and torch.equal(r[name], res.tensors[name])
+        with pytest.raises(KeyError):
+            r["no such tensor"]
+        with pytest.raises(TypeError):
+            r[name] = torch.zeros(1)  # read-only
+    assert not isinstance(back.tensors, dict)  # lazy: a view on the file, read tensor by tensor
+    p.unlink()  # reads come from the verified file's open map, not from the path
+    assert torch.equal(back[name], res.tensors[name])
+
+
 def test_cache_hit_and_corrupt_recompute(model, batches, tmp_path, monkeypatch):
     import sstmerge.fisher.estimator as est
 
