@@ -8,6 +8,7 @@ and square / project / outer-product them; the estimator runs padded batches of 
 from __future__ import annotations
 
 import copy
+import json
 import importlib.util
 import warnings
 
@@ -204,6 +205,53 @@ def _subspaces(model):
             q_out, _ = torch.linalg.qr(Bm)
             subs[f"model.layers.{i}.self_attn.{p}"] = (q_in, q_out)
     return subs
+
+
+def test_bounded_diag_forms_equal_the_full_diag_restricted_and_pooled(model, batches):
+    from sstmerge.fisher.restrict import pool_shape, restrict_diag
+
+    full = estimate(model, batches, kind="diag", target="linear", backend="torch", progress=False)
+    subs = _subspaces(model)
+    sub = estimate(model, batches, kind="diag", target="linear", subspaces=subs, backend="torch", progress=False)
+    for layer, (q_in, q_out) in subs.items():
+        want = restrict_diag(full[f"base_model.model.{layer}.base_layer.weight"], q_in, q_out)
+        # the full F is the fp32 sum of 3 batch Fishers (<= 2 eps rel. per entry), restricted exactly in fp64; by
+        # Cauchy-Schwarz on the PSD result that error is <= 2 eps x its largest (diagonal) entry; + fp32 storage
+        assert_rel(sub[f"{layer}.fisher"].double(), want, 4 * torch.finfo(torch.float32).eps, layer)
+        assert torch.equal(sub[f"{layer}.q_in"], q_in.float())
+    pool_max = 200  # q_proj is 32 x 32 = 1024 entries, v_proj 16 x 32 = 512: both pooled
+    pooled = estimate(model, batches, kind="diag", target="linear", pool_max=pool_max, backend="torch", progress=False)
+    tiles = json.loads(pooled.meta["pool"])
+    assert sorted(tiles) == sorted(full)
+    for name, F in full.items():
+        po, pi = tiles[name]
+        assert (po, pi) == pool_shape(*F.shape, pool_max) and po * pi > 1
+        P = pooled[name]
+        assert P.numel() <= pool_max and P.shape == (-(-F.shape[0] // po), -(-F.shape[1] // pi))
+        # tile means: fp32 sums of po*pi entries per batch, then 3 batches, on both sides
+        assert_rel(P, F.reshape(P.shape[0], po, P.shape[1], pi).mean((1, 3)), 2 * (po * pi + 4) * torch.finfo(torch.float32).eps, name)
+    with pytest.raises(InputError, match="target='linear'"):
+        estimate(model, batches, kind="diag", subspaces=subs, progress=False)
+    with pytest.raises(InputError, match="give one"):
+        estimate(model, batches, kind="diag", target="linear", subspaces=subs, pool_max=10, progress=False)
+
+
+def test_accumulators_live_on_each_layers_device(model):
+    """A model split by device_map puts layers on several devices; each layer's accumulator must sit
+    on its own device (checked on CPU with one layer moved to the meta device, no GPU needed)."""
+    from sstmerge.fisher.estimator import _Plan
+    from sstmerge.fisher.hooks import find_layers
+
+    m = copy.deepcopy(model)
+    moved = m.base_model.model.model.layers[1].self_attn.v_proj
+    moved.to("meta")
+    for kind, target, subs in (("diag", "linear", None), ("diag", "lora", None), ("kfac", "lora", None),
+                               ("diag", "linear", _subspaces(model)), ("subspace", "lora", _subspaces(model))):
+        layers = find_layers(m, target, None)
+        plan = _Plan(m, kind, target, layers, subs or {}, None, 0, "torch")
+        on_meta = {k for k, t in plan.acc.items() if t.device.type == "meta"}
+        assert on_meta and all("layers.1.self_attn.v_proj" in k for k in on_meta), (kind, target, on_meta)
+        assert all(t.device.type == "cpu" for k, t in plan.acc.items() if k not in on_meta)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -21,6 +21,14 @@ kind="diag"      F[p] = sum_b G_b[p]^2 for every weight p of the target paramete
                  the lora_A and lora_B weights (G_b of lora_A from its input x and output-gradient;
                  of lora_B from lora_A's output and the gradient at lora_B's output, which includes
                  the LoRA scaling); target="linear": the base weights of the target layers.
+                 Bounded forms (target="linear", :mod:`sstmerge.fisher.restrict`), for models whose
+                 [O, I] accumulators would not fit (DESIGN.md §10):
+                 * with ``subspaces``: each batch's F is restricted to the layer's subspace as it is
+                   produced, "<layer>.fisher" = sum_batches K^T diag(vec F_batch) K [n, n]
+                   (K = q_out ⊗ q_in, n = m_o m_i), plus "<layer>.q_in", "<layer>.q_out";
+                 * with ``pool_max=N``: a layer with O I > N keeps the mean of F over (po x pi)
+                   tiles [ceil(O/po), ceil(I/pi)] under its parameter name; meta "pool" maps the
+                   parameter name to [po, pi] (layers with O I <= N are exact).
 kind="subspace"  with ``subspaces[layer] = (q_in [I, m_i], q_out [O, m_o])`` (orthonormal columns)
                  and G_b taken w.r.t. the layer's *effective* weight (x = the whole module's input,
                  g = the gradient at its output, base + LoRA path):
@@ -73,6 +81,7 @@ from ..ops.backends import resolve as resolve_backend
 from . import cache as _cache
 from . import distributed as dist
 from .hooks import Capture, Layer, base_sites, find_layers, is_peft_model, lora_sites, module_sites
+from .restrict import pool_shape, pool_sum, restrict_diag, tile_counts
 from .result import FisherResult, tensor_bytes
 
 DENSE_MAX_WIDTH = 4096  # kfac with sketch_dim: layers wider than this are sketched
@@ -88,7 +97,7 @@ class NonFiniteError(InputError, FloatingPointError):
 # ----------------------------------------------------------------------------- options
 
 
-def _check_options(kind, target, fisher, samples, reduction, sketch_dim, subspaces, meta):
+def _check_options(kind, target, fisher, samples, reduction, sketch_dim, subspaces, meta, pool_max=None):
     def one_of(name, v, allowed):
         if v not in allowed:
             raise InputError(f"{name} must be one of {allowed}, got {v!r}")
@@ -108,8 +117,15 @@ def _check_options(kind, target, fisher, samples, reduction, sketch_dim, subspac
             raise InputError(f"sketch_dim must be a positive int, got {sketch_dim!r}")
     if kind == "subspace" and not subspaces:
         raise InputError("kind='subspace' needs subspaces={layer: (q_in, q_out)}")
-    if kind == "diag" and subspaces:
-        raise InputError("subspaces apply to kind='subspace' and kind='kfac', not 'diag'")
+    if kind == "diag" and subspaces and target != "linear":
+        raise InputError("subspaces with kind='diag' restrict the base weights' Fisher: they need target='linear'")
+    if pool_max is not None:
+        if kind != "diag" or target != "linear":
+            raise InputError("pool_max applies to kind='diag' with target='linear' only")
+        if subspaces:
+            raise InputError("pool_max and subspaces are two bounded forms of the diag Fisher: give one")
+        if not isinstance(pool_max, int) or isinstance(pool_max, bool) or pool_max < 1:
+            raise InputError(f"pool_max must be a positive int, got {pool_max!r}")
     if meta is not None and (
         not isinstance(meta, Mapping)
         or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
@@ -160,19 +176,39 @@ def _omega(seed: int, layer: str, side: str, d: int, l: int) -> Tensor:
 class _Plan:
     """The sites to hook and, per site, how a batch's (x, g, mask) adds to the accumulators."""
 
-    def __init__(self, model, kind, target, layers, subspaces, sketch_dim, seed, backend, device):
+    def __init__(self, model, kind, target, layers, subspaces, sketch_dim, seed, backend, pool_max=None):
+        # every accumulator lives on its own layer's device (a model split by device_map="auto"
+        # puts layers on several GPUs; x and g of a layer arrive on that layer's device)
         self.kind, self.backend = kind, backend
         self.acc: dict[str, Tensor] = {}
         self.extra: dict[str, Tensor] = {}  # stored as they are (bases, omegas)
+        self.pools: dict[str, tuple[int, int]] = {}  # diag with pool_max: param name -> (po, pi)
         self.updates = []  # per site: callable(x, g, mask, weight)
         if kind == "diag":
             self.sites = lora_sites(model, layers) if target == "lora" else base_sites(model, layers)
             for s in self.sites:
+                device = site_device(s.module)
+                q = subspaces.get(s.layer) if subspaces else None
+                if q is not None:
+                    key = f"{s.layer}.fisher"
+                    self.extra[f"{s.layer}.q_in"], self.extra[f"{s.layer}.q_out"] = q
+                    n = q[0].shape[1] * q[1].shape[1]
+                    self.acc[key] = torch.zeros(n, n, dtype=torch.float64, device=device)
+                    self.updates.append(self._diag_sub(key, *(t.to(device) for t in q)))
+                    continue
+                po, pi = pool_shape(*s.weight_shape, pool_max)
+                if (po, pi) != (1, 1):
+                    self.pools[s.param_name] = (po, pi)
+                    O, I = s.weight_shape
+                    self.acc[s.param_name] = torch.zeros(-(-O // po), -(-I // pi), dtype=torch.float32, device=device)
+                    self.updates.append(self._diag_pool(s.param_name, po, pi))
+                    continue
                 self.acc[s.param_name] = torch.zeros(s.weight_shape, dtype=torch.float32, device=device)
                 self.updates.append(self._diag(s.param_name))
             return
         self.sites = module_sites(layers)
         for L in layers:
+            device = site_device(L.module)
             q = subspaces.get(L.name)
             if q is not None:
                 q_in, q_out = (t.to(device) for t in q)
@@ -204,6 +240,28 @@ class _Plan:
         def up(x, g, mask, w):
             self.acc[key].add_(ops.diag_fisher_linear(x, g, mask, backend=self.backend), alpha=w)
         return up
+
+    def _diag_sub(self, key, q_in, q_out):
+        def up(x, g, mask, w):
+            F = ops.diag_fisher_linear(x, g, mask, backend=self.backend)  # this batch's [O, I]
+            self.acc[key].add_(restrict_diag(F, q_in, q_out), alpha=w)
+        return up
+
+    def _diag_pool(self, key, po, pi):
+        def up(x, g, mask, w):
+            F = ops.diag_fisher_linear(x, g, mask, backend=self.backend)
+            self.acc[key].add_(pool_sum(F, po, pi), alpha=w)
+        return up
+
+    def finish_pools(self) -> None:
+        """Tile sums -> tile means (after the reduction over batches and ranks)."""
+        for name, (po, pi) in self.pools.items():
+            O, I = self.weight_shapes[name]
+            self.acc[name].div_(tile_counts(O, I, po, pi, self.acc[name].device))
+
+    @property
+    def weight_shapes(self) -> dict[str, tuple]:
+        return {s.param_name: s.weight_shape for s in self.sites}
 
     def _subspace(self, key, q_in, q_out):
         def up(x, g, mask, w):
@@ -287,9 +345,24 @@ def _counted_logits(model, kw: dict, counted: Tensor, keep: bool) -> Tensor:
 
 
 def _model_device(model) -> torch.device:
-    p = next(model.parameters(), None)
+    """Where the inputs go: the input embeddings' device (the first stage of a split model)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    p = getattr(emb, "weight", None) if emb is not None else None
+    if p is None:
+        p = next(model.parameters(), None)
     if p is None:
         raise InputError("the model has no parameters")
+    return p.device
+
+
+def site_device(module: nn.Module) -> torch.device:
+    """The device of a layer's (first) weight: where its inputs and output-gradients arrive."""
+    w = getattr(module, "weight", None)
+    if isinstance(w, Tensor):
+        return w.device
+    p = next(module.parameters(), None)
+    if p is None:
+        raise InputError(f"layer {type(module).__name__} has no parameters")
     return p.device
 
 
@@ -347,6 +420,7 @@ def estimate(
     progress: bool = True,
     cache_dir: Optional[str | os.PathLike] = None,
     meta: Optional[Mapping[str, str]] = None,
+    pool_max: Optional[int] = None,
 ) -> FisherResult:
     """Estimate the Fisher of ``model`` on ``batches`` (definitions in the module docstring).
 
@@ -355,7 +429,7 @@ def estimate(
     Returns a :class:`FisherResult` with fp32 CPU tensors. Raises InputError for bad options,
     missing target layers, empty data, and (as NonFiniteError) a NaN/Inf gradient or input.
     """
-    _check_options(kind, target, fisher, samples, reduction, sketch_dim, subspaces, meta)
+    _check_options(kind, target, fisher, samples, reduction, sketch_dim, subspaces, meta, pool_max)
     if torch.is_inference_mode_enabled():
         raise InputError("estimate needs autograd: call it outside torch.inference_mode()")
     device = _model_device(model)
@@ -371,6 +445,7 @@ def estimate(
         "target_modules": list(target_modules) if target_modules is not None else None,
         "layers": [L.name for L in layers],
         "subspaces": _subspace_hash(subs) if subs else None,
+        **({"pool_max": pool_max} if pool_max is not None else {}),
     }
     accepts_pos = _accepts(model, "position_ids")
 
@@ -391,7 +466,7 @@ def estimate(
             hit.meta["cache"] = f"hit {entry}"
             return hit
 
-    plan = _Plan(model, kind, target, layers, subs, sketch_dim, seed, backend, device)
+    plan = _Plan(model, kind, target, layers, subs, sketch_dim, seed, backend, pool_max)
     mem = _PeakMemory(device)
     try:
         counts, data_h_local = _run(model, batches, plan, fisher, samples, seed, device, accepts_pos,
@@ -411,6 +486,7 @@ def estimate(
     if reduction == "mean":
         for t in accs:
             t.div_(n_samples)
+    plan.finish_pools()
 
     tensors = {k: v.detach().to("cpu", torch.float32) for k, v in plan.acc.items()}
     tensors.update({k: v.clone() for k, v in plan.extra.items()})
@@ -432,6 +508,8 @@ def estimate(
     }
     if kind == "diag":
         out_meta["params"] = json.dumps({s.param_name: s.layer for s in plan.sites})
+        if plan.pools:
+            out_meta["pool"] = json.dumps({k: list(v) for k, v in plan.pools.items()})
     out_meta.update(dict(meta or {}))
     result = FisherResult(kind, tensors, out_meta)
     if entry is not None:
@@ -534,6 +612,7 @@ def _accumulate(plan: _Plan, cap: Capture, grads, am: Tensor, bi: int, w: float)
             xs.append(x)
             gs.append(g.to(x.dtype))
         mask = am if len(calls) == 1 else am.repeat(1, len(calls))
+        mask = mask.to(xs[0].device)  # a split model's layer sits on its own device
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
         g = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)
         work.append((i, x, g, mask))
@@ -547,7 +626,8 @@ def _check_finite(plan: _Plan, work, bi: int) -> None:
 
     One fp32 sum per tensor and one host sync per batch: a sum is finite iff every term is (short
     of an fp32 overflow of the sum itself, which would make the Fisher overflow too)."""
-    sums = torch.stack([t.sum(dtype=torch.float32) for _, x, g, _ in work for t in (g, x)])
+    dev = work[0][1].device if work else None
+    sums = torch.stack([t.sum(dtype=torch.float32).to(dev) for _, x, g, _ in work for t in (g, x)])
     if bool(torch.isfinite(sums).all()):
         return
     bad = (~torch.isfinite(sums)).nonzero()[0, 0].item()
