@@ -17,8 +17,13 @@ from typing import Sequence
 
 from ..errors import CliParser, InputError, cli_main
 
+def _rank(v: str):
+    """--rank: an int, or 'auto' / 'full' (dense-delta methods; see sstmerge.merge.dense)."""
+    return v if v in ("auto", "full") else int(v)
+
+
 _OPTION_FLAGS = {  # flag -> (option name, type)
-    "density": float, "lam": float, "variant": str, "eps": float, "rank": int, "offdiag": float,
+    "density": float, "lam": float, "variant": str, "eps": float, "rank": _rank, "offdiag": float,
     "threshold": float, "align_rank": int, "align_model": str, "align_base": str, "rule": str,
     "curvature": str, "gamma": float, "topk": int, "utility_weight": float,
 }
@@ -104,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in ("method", "base", "utility", "safety", "alpha", "out"):
         if val[k] is None:
             raise InputError(f"--{k} is required (on the command line or in --config)")
+    from ..worlds import resolve_model  # a world name ("tiny") -> its base model dir
+
+    val["base"] = resolve_model(val["base"])
     if val["fisher"] and (val["safety_data"] or val["utility_data"]):
         raise InputError("give either --fisher DIR or --safety-data/--utility-data, not both")
     if bool(val["safety_data"]) != bool(val["utility_data"]):

@@ -9,7 +9,8 @@ Both outputs are derived from these factors — the peft adapter (:func:`sstmerg
 and the fused weights (:mod:`sstmerge.merge.writers`) — so they agree by construction.
 
 Methods whose rule is entry-wise (TIES, DARE, diagonal Fisher averaging) build the dense [O, I]
-delta of one layer at a time and factor it exactly with :func:`factor_dense`.
+delta of one layer at a time and factor it at a bounded rank (:mod:`sstmerge.merge.dense`; the
+exact :func:`factor_dense` only when asked).
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ def factor_dense(delta: Tensor, rank: int | None = None) -> tuple[LayerFactors, 
 
 def factor_small(Q_out: Tensor, M: Tensor, Q_in: Tensor, rank: int | None = None) -> tuple[LayerFactors, dict]:
     """Factors of ``Q_out M Q_in^T`` (M [m_o, m_i] small, Q orthonormal): SVD of M,
-    ``B = Q_out U_k diag(s_k)``, ``A = V_k^T Q_in^T``; rank as in :func:`factor_dense`."""
+    ``B = Q_out U_k diag(s_k)``, ``A = V_k^T Q_in^T``; rank as in :func:`factor_dense` ("auto" and
+    "full" mean every numerical singular value: the rank is at most min(m_o, m_i) <= r_U + r_S)."""
+    if rank in ("auto", "full"):
+        rank = None
     M64 = M.double()
     if M64.numel() == 0:
         return LayerFactors(Q_out.new_zeros(Q_out.shape[0], 0), Q_in.new_zeros(0, Q_in.shape[0])), \

@@ -1,30 +1,154 @@
 """Shared driver of the dense-delta methods (TIES, DARE, diagonal Fisher averaging).
 
-For each layer, one at a time: build ``dU`` and ``dS`` [O, I] (fp32), apply the method's entry-wise
-rule, and factor the result exactly with :func:`sstmerge.merge.core.factor_dense` (all singular values
-above round-off by default; ``rank=k`` truncates and reports the relative residual).
+For each layer, one at a time, the method's entry-wise rule is applied to blocks of rows of ``dU``
+and ``dS`` (built from the factors block by block) and written into one [O, I] fp32 buffer ``D``
+— the only [O, I]-sized array of the merge; the blocks are bounded by ROW_BLOCK_ENTRIES. Global
+statistics a rule needs (TIES' magnitude cut, fisher_avg's mean Fisher) are computed first in a
+streaming pass (:func:`kth_largest_abs`: exact, by a histogram of fp32 bit patterns).
+
+The dense result is then factored (``rank``):
+  * ``"auto"`` (default): rank ``k = r_U + r_S`` by a randomized SVD (range finder with
+    ``p = OVERSAMPLE`` extra columns and ``POWER_ITERS`` power iterations, on the weights' device):
+    ``Q = orth(D Ω)``, ``Q^T D = U s V^T``, ``B = Q U_k diag(s_k)``, ``A = V_k^T``. ``B A`` is the
+    orthogonal projection of D onto span(Q U_k), so the reported residual
+    ``||D - B A||_F / ||D||_F = sqrt(||D||_F^2 - sum s_k^2) / ||D||_F`` is exact;
+  * an int ``k``: the same with that rank;
+  * ``"full"`` (or None): every singular value above round-off by a full SVD
+    (:func:`sstmerge.merge.core.factor_dense`); the adapter can then be ~min(O, I) wide.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
+from torch import Tensor
 
-from .core import Context, factor_dense
+from ..errors import InputError
+from .core import Context, LayerFactors, factor_dense
+
+#: Entries per row block of the entry-wise rules (16 MB in fp32 per block array).
+ROW_BLOCK_ENTRIES = 1 << 22
+OVERSAMPLE = 10
+POWER_ITERS = 2
 
 
-def run_dense(ctx: Context, desc: str, rule: Callable, rank: int | None):
+def rank_option(rank) -> int | str:
+    """Validated ``rank``: "auto", "full" (None is "full"), or a positive int."""
+    if rank is None or rank == "full":
+        return "full"
+    if rank == "auto":
+        return "auto"
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InputError(f"rank must be 'auto', 'full' or a positive int, got {rank!r}")
+    return rank
+
+
+def compute_device() -> torch.device:
+    """The weights' device for the dense work: the GPU when there is one (adapters load on the CPU)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def row_blocks(O: int, I: int):
+    step = max(1, ROW_BLOCK_ENTRIES // max(I, 1))
+    for r0 in range(0, O, step):
+        yield r0, min(O, r0 + step)
+
+
+class Deltas:
+    """Row blocks of ``dU = s_U B_U A_U`` and ``dS`` (fp32, on ``device``), never the whole [O, I]."""
+
+    def __init__(self, u, s, device):
+        self.uB, self.uA = (u.scale * u.B.double()).float().to(device), u.A.float().to(device)
+        self.sB, self.sA = (s.scale * s.B.double()).float().to(device), s.A.float().to(device)
+        self.shape = u.shape
+
+    def u(self, r0, r1) -> Tensor:
+        return self.uB[r0:r1] @ self.uA
+
+    def s(self, r0, r1) -> Tensor:
+        return self.sB[r0:r1] @ self.sA
+
+
+def kth_largest_abs(block: Callable[[int, int], Tensor], O: int, I: int, k: int) -> float:
+    """The k-th largest |entry| (1-based) of the [O, I] matrix given by row blocks, exactly.
+
+    Non-negative fp32 values order like their int32 bit patterns: pass 1 counts the top 16 bits of
+    every |entry| (32768 bins), which fixes the bin holding the k-th largest; pass 2 collects that
+    bin's entries and selects inside it. Memory: one row block plus the bin's entries."""
+    if not 1 <= k <= O * I:
+        raise ValueError(f"k={k} outside [1, {O * I}]")
+    counts = None
+    for r0, r1 in row_blocks(O, I):
+        hi = block(r0, r1).abs().float().contiguous().view(torch.int32) >> 16
+        c = torch.bincount(hi.flatten(), minlength=1 << 15)
+        counts = c if counts is None else counts + c
+    from_top = counts.flip(0).cumsum(0)
+    j = int((from_top >= k).nonzero()[0, 0])
+    b = (1 << 15) - 1 - j
+    above = int(from_top[j - 1]) if j > 0 else 0  # entries in higher bins
+    vals = []
+    for r0, r1 in row_blocks(O, I):
+        a = block(r0, r1).abs().float().contiguous()
+        vals.append(a[(a.view(torch.int32) >> 16) == b])
+    v = torch.cat(vals)
+    return float(torch.sort(v, descending=True).values[k - above - 1])
+
+
+def randomized_factors(D: Tensor, k: int, gen: torch.Generator) -> tuple[LayerFactors, dict]:
+    """Rank-k factors of D by a randomized SVD (module docstring); the residual is exact."""
+    O, I = D.shape
+    total = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
+    if total == 0.0:
+        return LayerFactors(D.new_zeros(O, 0).cpu(), D.new_zeros(0, I).cpu()), {"rank": 0, "residual_rel": 0.0}
+    ell = min(k + OVERSAMPLE, O, I)
+    omega = torch.randn(I, ell, generator=gen, dtype=torch.float32).to(D.device)
+    Q = torch.linalg.qr(D @ omega).Q                      # [O, ell]
+    for _ in range(POWER_ITERS):                          # subspace iteration, re-orthonormalised
+        Q = torch.linalg.qr(D @ torch.linalg.qr(D.T @ Q).Q).Q
+    C = (Q.T @ D).double()                                # [ell, I]
+    U, s, Vh = torch.linalg.svd(C, full_matrices=False)
+    k = min(k, int((s > 0).sum()))
+    B = (Q.double() @ (U[:, :k] * s[:k])).float()
+    A = Vh[:k].float()
+    kept = float(s[:k].pow(2).sum())
+    residual = math.sqrt(max(total - kept, 0.0) / total)
+    return LayerFactors(B.contiguous().cpu(), A.contiguous().cpu()), {"rank": k, "residual_rel": residual}
+
+
+def run_dense(ctx: Context, desc: str, rule: Callable, rank, prepare: Callable | None = None):
+    """``rule(name, r0, r1, dU_rows, dS_rows, stats) -> (merged_rows, info_rows)`` per row block;
+    ``prepare(name, deltas) -> stats`` (global statistics) once per layer; ``info_rows``: dict of
+    sums that are added over blocks (e.g. for means)."""
+    rank = rank_option(rank)
+    device = compute_device()
     layers, diags = {}, {}
     for name in ctx.iterate(desc):
         u, s = ctx.pair(name)
-        dU, dS = u.delta(), s.delta()
-        merged, info = rule(name, dU, dS)
-        f, finfo = factor_dense(merged, rank)
+        dl = Deltas(u, s, device)
+        O, I = dl.shape
+        stats = prepare(name, dl) if prepare is not None else None
+        D = torch.empty(O, I, dtype=torch.float32, device=device)
+        info: dict = {}
+        for r0, r1 in row_blocks(O, I):
+            rows, part = rule(name, r0, r1, dl.u(r0, r1), dl.s(r0, r1), stats)
+            D[r0:r1] = rows
+            for key, v in part.items():
+                info[key] = info.get(key, 0.0) + v
+        info = {k: (v / (O * I) if k.startswith("mean_") else v) for k, v in info.items()}
+        if rank == "full":
+            f, finfo = factor_dense(D.cpu())
+        else:
+            k = u.rank + s.rank if rank == "auto" else rank
+            gen = torch.Generator().manual_seed(ctx.layer_seed(name))
+            f, finfo = randomized_factors(D, k, gen)
+            finfo["rank_rule"] = "r_U + r_S" if rank == "auto" else "given"
         layers[name] = f
         diags[name] = {**info, **finfo}
-        del dU, dS, merged
-    return layers, {"layers": diags}
+        del D
+    return layers, {"layers": diags, "rank": rank,
+                    "residual_rel_max": max((d["residual_rel"] for d in diags.values()), default=0.0)}
 
 
 def trim_top(t: torch.Tensor, density: float) -> torch.Tensor:

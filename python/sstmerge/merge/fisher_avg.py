@@ -8,42 +8,65 @@ the safety objective, and ``eps_abs = eps * mean(F_U + F_S)``:
 i.e. the Fisher-weighted average of the two models ``W0 + dU`` and ``W0 + dS`` where the safety
 model's importance is scaled by alpha and the utility model carries a small floor eps_abs (it wins
 where neither objective depends on an entry). alpha = 0 gives dU exactly.
+
+Fisher resolution (``pooled``): by default a ``diag_pool`` Fisher — exact for layers with at most
+POOL_MAX_ENTRIES (2^20) weights, tile means for larger ones (Qwen2.5-14B: 2x2 to 8x8 tiles; the
+exact [O, I] Fishers would be ~53 GB per role); ``pooled=False`` asks for the exact ``diag``.
+An exact ``diag`` result is used whenever it is given. The rule runs on row blocks; the result is
+factored at rank ``r_U + r_S`` by default (``rank``: see :mod:`sstmerge.merge.dense`).
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import InputError
+from ..fisher.restrict import tile_counts
 from .core import Context, Method
 from .dense import run_dense
-from .fisher_inputs import diag_linear
+from .fisher_inputs import DiagLayer
 
-DEFAULTS = {"eps": 1e-6, "rank": None}
-
-
-def _fisher(_opts):
-    return [("utility", "diag"), ("safety", "diag")]
+DEFAULTS = {"eps": 1e-6, "rank": "auto", "pooled": True}
 
 
-def run(ctx: Context, alpha: float, *, eps: float = 1e-6, rank: int | None = None):
+def _kinds(opts) -> tuple[str, ...]:
+    return ("diag", "diag_pool") if opts.get("pooled", True) else ("diag",)
+
+
+def _fisher(opts):
+    kind = "diag_pool" if opts.get("pooled", True) else "diag"
+    return [("utility", kind), ("safety", kind)]
+
+
+def run(ctx: Context, alpha: float, *, eps: float = 1e-6, rank="auto", pooled: bool = True):
     if ctx.fisher is None:
         raise InputError("fisher_avg needs the diag Fisher of both objectives: pass --fisher DIR or --safety-data/--utility-data")
-    FUr = ctx.fisher.get("utility", "diag", "fisher_avg")
-    FSr = ctx.fisher.get("safety", "diag", "fisher_avg")
+    kinds = _kinds({"pooled": pooled})
+    FUr = ctx.fisher.first("utility", kinds, "fisher_avg")[1]
+    FSr = ctx.fisher.first("safety", kinds, "fisher_avg")[1]
 
-    def rule(name, dU, dS):
-        shape = tuple(dU.shape)
-        FU = diag_linear(FUr, name, shape, "utility Fisher").float()
-        FS = diag_linear(FSr, name, shape, "safety Fisher").float()
-        ref = float((FU + FS).mean())
+    def prepare(name, dl):
+        FU = DiagLayer(FUr, name, dl.shape, "utility Fisher")
+        FS = DiagLayer(FSr, name, dl.shape, "safety Fisher")
+        O, I = dl.shape
+        total = 0.0
+        for D in (FU, FS):  # sum over all O x I entries = sum over tiles of count x tile mean
+            total += float((D.P.double() * tile_counts(O, I, D.po, D.pi).double()).sum())
+        ref = total / (O * I)
         if not ref > 0:
             raise InputError(f"fisher_avg: both Fishers are zero in layer {name}; no gradient reached it (check the Fisher data)")
-        FUe = FU + eps * ref
-        w = alpha * FS
-        merged = (FUe * dU + w * dS) / (FUe + w)
-        share = float((w / (FUe + w)).mean())
-        return merged, {"mean_safety_weight": share}
+        return FU, FS, eps * ref
 
-    return run_dense(ctx, "fisher_avg", rule, rank)
+    def rule(name, r0, r1, dU, dS, st):
+        FU, FS, floor = st
+        FUe = FU.rows(r0, r1).to(dU.device) + floor
+        w = alpha * FS.rows(r0, r1).to(dU.device)
+        share = w / (FUe + w)
+        merged = dU + share * (dS - dU)  # = (FUe dU + w dS) / (FUe + w)
+        return merged, {"mean_safety_weight": float(share.sum(dtype=torch.float64)),
+                        **({"fisher_tiles": FU.po * FU.pi} if r0 == 0 else {})}
+
+    return run_dense(ctx, "fisher_avg", rule, rank, prepare)
 
 
 METHOD = Method("fisher_avg", run, DEFAULTS, _fisher, doc=__doc__)

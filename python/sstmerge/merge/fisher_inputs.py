@@ -4,12 +4,20 @@ layer's block in the basis a method works in.
 Roles: ``utility`` is taken on the utility data at base + utility adapter, ``safety`` on the safety
 data at base + safety adapter (each adapter's own data and model, as in DESIGN.md §7). Data rows are
 chat rows (``{"messages": [...]}``, assistant tokens labelled) or MMLU rows (the answer letter
-labelled), one kind per role (:func:`sstmerge.data.batches.training_batches`).
+labelled), or a mix of both (:func:`sstmerge.data.batches.training_batches`).
 
 Kinds (see :mod:`sstmerge.fisher`):
   * ``diag``      diagonal Fisher of each target layer's base weight [O, I] (target="linear"):
                   the Fisher of the *effective* weight, because the gradient at the base Linear's
-                  output equals the gradient at the module output.
+                  output equals the gradient at the module output. One fp32 [O, I] per layer:
+                  ~53 GB per role for Qwen2.5-14B with all 7 projections, so only on request.
+  * ``diag_sub``  the same diagonal Fisher restricted to the joint subspace,
+                  ``K^T diag(vec F) K`` [n, n] (K = q_out ⊗ q_in), accumulated batch by batch
+                  (:func:`sstmerge.fisher.restrict.restrict_diag`); what SST's default curvature
+                  uses. A ``diag`` file serves too (restricted when read: the same numbers).
+  * ``diag_pool`` the diagonal Fisher as tile means, at most POOL_MAX_ENTRIES entries per layer
+                  (exact for smaller layers); what fisher_avg uses by default. A ``diag`` file
+                  serves too (then at full resolution).
   * ``subspace``  exact Fisher of ``S = q_out^T W q_in`` (row-major vec) in the joint subspace.
   * ``kfac``      Kronecker factors ``A = sum x x^T`` and ``G = sum g g^T`` projected into the joint
                   subspace: ``A' = q_in^T A q_in``, ``G' = q_out^T G q_out``.
@@ -34,7 +42,11 @@ from torch import Tensor
 from ..errors import InputError
 
 ROLES = ("utility", "safety")
-KINDS = ("diag", "subspace", "kfac")
+KINDS = ("diag", "diag_sub", "diag_pool", "subspace", "kfac")
+#: the FisherResult kind each file kind holds
+RESULT_KIND = {"diag": "diag", "diag_sub": "diag", "diag_pool": "diag", "subspace": "subspace", "kfac": "kfac"}
+#: diag_pool: at most this many entries (4 MB fp32) per layer; smaller layers are exact.
+POOL_MAX_ENTRIES = 1 << 20
 _PEFT = "base_model.model."
 #: A stored subspace basis Q_f matches ours (Q) when ||Q - Q_f Q_f^T Q||_max <= SPAN_TOL.
 SPAN_TOL = 1e-3
@@ -55,11 +67,24 @@ class FisherInputs:
                              f"compute it (--safety-data/--utility-data) or pass a --fisher DIR with {role}.{kind}.safetensors")
         return fr
 
+    def first(self, role: str, kinds: tuple[str, ...], method: str) -> tuple[str, object]:
+        """(kind, result) of the first of ``kinds`` present (forms of one statistic); else as :meth:`get`."""
+        for k in kinds:
+            if (role, k) in self.results:
+                return k, self.results[(role, k)]
+        return kinds[0], self.get(role, kinds[0], method)
+
 
 def _kind_of(fr) -> str:
     kind = getattr(fr, "kind", None)
     if kind is None and isinstance(fr, Mapping):
         kind = fr.get("kind")
+    if kind == "diag":  # which bounded form: by its layout
+        meta = getattr(fr, "meta", None) or {}
+        if "pool" in meta:
+            return "diag_pool"
+        if any(k.endswith(".fisher") for k in tensors_of(fr)):
+            return "diag_sub"
     if kind not in KINDS:
         raise InputError(f"a Fisher result has unknown kind {kind!r}; expected one of {KINDS}")
     return kind
@@ -100,7 +125,7 @@ def _results_key(results: Mapping) -> str:
         for name, t in sorted(tensors_of(results[(role, kind)]).items()):
             h.update(name.encode())
             h.update(str(tuple(t.shape)).encode())
-            h.update(repr(float(t.double().sum())).encode())
+            h.update(repr(float(t.sum(dtype=torch.float64))).encode())
     return h.hexdigest()[:16]
 
 
@@ -109,18 +134,18 @@ def load_dir(path: str | Path) -> FisherInputs:
 
     path = Path(path)
     if not path.is_dir():
-        raise InputError(f"--fisher {path} is not a directory; it must hold {{utility,safety}}.{{diag,subspace,kfac}}.safetensors")
+        raise InputError(f"--fisher {path} is not a directory; it must hold {{utility,safety}}.{{{','.join(KINDS)}}}.safetensors")
     results = {}
     for role in ROLES:
         for kind in KINDS:
             f = path / f"{role}.{kind}.safetensors"
             if f.exists():
                 fr = FisherResult.load(f)
-                if fr.kind != kind:
+                if fr.kind != RESULT_KIND[kind]:
                     raise InputError(f"{f} holds a {fr.kind} Fisher, not {kind}; rename or recompute it")
                 results[(role, kind)] = fr
     if not results:
-        raise InputError(f"--fisher {path} holds no {{utility,safety}}.{{diag,subspace,kfac}}.safetensors file")
+        raise InputError(f"--fisher {path} holds no {{utility,safety}}.{{{','.join(KINDS)}}}.safetensors file")
     return FisherInputs(results, key=_results_key(results))
 
 
@@ -139,18 +164,61 @@ def _lookup(tensors: Mapping[str, Tensor], candidates: Iterable[str], what: str,
     raise InputError(f"the {what} has no entry for {hint}; it was computed for another model or other target modules")
 
 
+class DiagLayer:
+    """One layer's diagonal Fisher [O, I] from a ``diag`` (exact) or ``diag_pool`` (tile means)
+    result, handed out in fp32 row blocks so no [O, I] fp64 copy is ever made."""
+
+    def __init__(self, fr, layer: str, shape: tuple[int, int], what: str):
+        t = tensors_of(fr)
+        names = [f"{layer}.weight", f"{layer}.base_layer.weight", f"{_PEFT}{layer}.base_layer.weight", f"{_PEFT}{layer}.weight"]
+        key = next((c for c in names if c in t), None)
+        if key is None:
+            _lookup(t, names, what, f"layer {layer} (a diag Fisher with target='linear' is needed)")
+        pools = json.loads((getattr(fr, "meta", None) or {}).get("pool", "{}"))
+        self.po, self.pi = pools.get(key, (1, 1))
+        self.shape, self.layer, self.what = tuple(shape), layer, what
+        P = t[key].float()
+        want = (-(-shape[0] // self.po), -(-shape[1] // self.pi))
+        if tuple(P.shape) != want:
+            raise InputError(f"the {what} of layer {layer} has shape {tuple(P.shape)}, the layer is {tuple(shape)}"
+                             + (f" (pooled {self.po}x{self.pi}: {want})" if (self.po, self.pi) != (1, 1) else "")
+                             + "; it was computed for another model")
+        _finite(P, f"the {what} of layer {layer}")
+        if (P < 0).any():
+            raise InputError(f"the {what} of layer {layer} has negative entries; a diagonal Fisher is a sum of squares")
+        self.P = P
+
+    @property
+    def pooled(self) -> bool:
+        return (self.po, self.pi) != (1, 1)
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        from ..fisher.restrict import unpool_rows
+
+        return unpool_rows(self.P, self.po, self.pi, self.shape[1], r0, r1)
+
+    def full(self) -> Tensor:
+        return self.rows(0, self.shape[0])
+
+
 def diag_linear(fr, layer: str, shape: tuple[int, int], what: str) -> Tensor:
-    """Diagonal Fisher [O, I] (fp64) of the layer's base weight."""
-    t = tensors_of(fr)
-    names = [f"{layer}.weight", f"{layer}.base_layer.weight", f"{_PEFT}{layer}.base_layer.weight", f"{_PEFT}{layer}.weight"]
-    F = _lookup(t, names, what, f"layer {layer} (a diag Fisher with target='linear' is needed)")
-    if tuple(F.shape) != tuple(shape):
-        raise InputError(f"the {what} of layer {layer} has shape {tuple(F.shape)}, the layer is {tuple(shape)}; "
-                         "it was computed for another model")
-    F = _finite(F.double(), f"the {what} of layer {layer}")
-    if (F < 0).any():
-        raise InputError(f"the {what} of layer {layer} has negative entries; a diagonal Fisher is a sum of squares")
-    return F
+    """Diagonal Fisher [O, I] (fp64) of the layer's base weight (small layers / tests only)."""
+    return DiagLayer(fr, layer, shape, what).full().double()
+
+
+def diag_restricted(fisher: "FisherInputs", role: str, layer: str, q_in: Tensor, q_out: Tensor, method: str) -> Tensor:
+    """The diagonal Fisher restricted to the joint subspace, ``K^T diag(vec F) K`` [n, n] fp64, from a
+    ``diag_sub`` result (rotated into our basis) or an exact ``diag`` one (restricted here)."""
+    from ..fisher.restrict import restrict_diag
+
+    kind, fr = fisher.first(role, ("diag_sub", "diag"), method)
+    what = f"{role} Fisher"
+    if kind == "diag_sub":
+        return subspace_block(fr, layer, q_in, q_out, what)
+    D = DiagLayer(fr, layer, (q_out.shape[0], q_in.shape[0]), what)
+    if D.pooled:
+        raise InputError(f"{method}: the {what} of layer {layer} is pooled; the subspace restriction needs the exact diag or diag_sub")
+    return restrict_diag(D.P, q_in, q_out)
 
 
 def _rotation(Q: Tensor, Qf: Tensor | None, layer: str, side: str, what: str) -> Tensor | None:
@@ -270,7 +338,8 @@ def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_
         key = hashlib.sha256(json.dumps({
             "base": base_key, "utility": _file_hash(Path(utility)), "safety": _file_hash(Path(safety)),
             "role": role, "kind": kind, "rows": _rows_hash(rows[role]), "fisher": fisher, "batch_size": batch_size,
-            "seed": seed, **({"samples": samples} if fisher == "true" else {})},
+            "seed": seed, **({"samples": samples} if fisher == "true" else {}),
+            **({"pool_max": POOL_MAX_ENTRIES} if kind == "diag_pool" else {})},
             sort_keys=True).encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"{role}.{kind}.safetensors" if cache_dir is not None else None
         if path is not None and path.exists():
@@ -281,7 +350,7 @@ def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_
                     continue
             except InputError:
                 pass  # a corrupt or stale cache entry is recomputed
-        if kind in ("subspace", "kfac") and subspaces is None:
+        if kind in ("subspace", "kfac", "diag_sub") and subspaces is None:
             subspaces = ad.joint_subspace(U, S)
         fr = _estimate(base, adapters[role], rows[role], kind, subspaces, backend=backend, seed=seed,
                        progress=progress, batch_size=batch_size, fisher=fisher, samples=samples,
@@ -306,9 +375,12 @@ def _estimate(base, adapter_dir, rows, kind, subspaces, *, backend, seed, progre
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     batches = list(training_batches(tok, rows, batch_size))  # chat rows or MMLU rows (answer letter labelled)
-    kw = dict(kind=kind, target="linear" if kind == "diag" else "lora", fisher=fisher, samples=samples)
-    if kind in ("subspace", "kfac"):
+    est_kind = RESULT_KIND[kind]
+    kw = dict(kind=est_kind, target="linear" if est_kind == "diag" else "lora", fisher=fisher, samples=samples)
+    if kind in ("subspace", "kfac", "diag_sub"):
         kw["subspaces"] = subspaces
+    if kind == "diag_pool":
+        kw["pool_max"] = POOL_MAX_ENTRIES
     params = inspect.signature(estimate).parameters
     for name, value in (("backend", backend), ("seed", seed), ("progress", progress), ("desc", desc)):
         if name in params:

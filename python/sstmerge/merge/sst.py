@@ -11,7 +11,8 @@ Per target layer:
    * ``"kfac"``:  F_X ≈ G_X ⊗ A_X (projected Kronecker factors of a ``kfac`` Fisher);
    * ``"input"``: F_X ≈ I ⊗ A_X (the input-side factor only: activation statistics);
    * ``"diag"`` (default): F_X = K^T diag(vec F_X^diag) K, K = Q_out ⊗ Q_in — the diagonal Fisher
-     of the layer's full [O, I] weight (a ``diag`` Fisher) restricted to the joint subspace, a dense
+     of the layer's full [O, I] weight restricted to the joint subspace (a ``diag_sub`` Fisher,
+     accumulated restricted batch by batch; or an exact ``diag`` one restricted here), a dense
      [n, n] matrix there (the diagonal-Fisher signal, the one ``fisher_avg`` uses, but resolved
      direction by direction inside the subspace; measured best on the tiny world, docs/merge.md).
    The utility side is damped: ``F_U + gamma_abs I`` (exact, diag) or ``(G_U + g_G I) ⊗ (A_U + g_A I)``
@@ -47,7 +48,8 @@ import torch
 from ..adapters import joint_layer
 from ..errors import InputError
 from .core import Context, Method, factor_small, in_subspace
-from .fisher_inputs import diag_linear, kfac_block, subspace_block
+from ..fisher.restrict import restrict_diag
+from .fisher_inputs import diag_restricted, kfac_block, subspace_block
 
 RULES = ("soft", "hard", "topk")
 CURVATURES = ("exact", "kfac", "input", "diag")
@@ -60,7 +62,7 @@ PSD_RTOL = 1e-5
 
 
 def _kind(curvature: str) -> str:
-    return {"exact": "subspace", "diag": "diag"}.get(curvature, "kfac")
+    return {"exact": "subspace", "diag": "diag_sub"}.get(curvature, "kfac")
 
 
 def _fisher(opts):
@@ -70,12 +72,9 @@ def _fisher(opts):
 
 def diag_in_subspace(F: torch.Tensor, q_in: torch.Tensor, q_out: torch.Tensor) -> torch.Tensor:
     """The diagonal Fisher F [O, I] of the layer's weight restricted to the joint subspace:
-    ``K^T diag(vec F) K`` with ``K = q_out ⊗ q_in`` (row-major vec of M), [m_o m_i, m_o m_i]."""
-    qi, qo = q_in.double(), q_out.double()
-    T = torch.einsum("ib,oi,id->obd", qi, F, qi)            # [O, m_i, m_i]
-    Fs = torch.einsum("oa,oc,obd->abcd", qo, qo, T)          # [m_o, m_i, m_o, m_i]
-    n = qo.shape[1] * qi.shape[1]
-    Fs = Fs.reshape(n, n)
+    ``K^T diag(vec F) K`` with ``K = q_out ⊗ q_in`` (row-major vec of M), [m_o m_i, m_o m_i]
+    (:func:`sstmerge.fisher.restrict.restrict_diag`: row blocks of F, no I x m x O temporary)."""
+    Fs = restrict_diag(F, q_in, q_out)
     return 0.5 * (Fs + Fs.T)
 
 
@@ -147,9 +146,9 @@ def _layer(ctx: Context, name: str, alpha: float, FUr, FSr, rule, curvature, gam
             FU = subspace_block(FUr, name, q_in, q_out, "utility Fisher")
             FS = subspace_block(FSr, name, q_in, q_out, "safety Fisher")
         else:
-            shape = (q_out.shape[0], q_in.shape[0])
-            FU = diag_in_subspace(diag_linear(FUr, name, shape, "utility Fisher"), q_in, q_out)
-            FS = diag_in_subspace(diag_linear(FSr, name, shape, "safety Fisher"), q_in, q_out)
+            FU = diag_restricted(ctx.fisher, "utility", name, q_in, q_out, "sst")
+            FS = diag_restricted(ctx.fisher, "safety", name, q_in, q_out, "sst")
+            FU, FS = 0.5 * (FU + FU.T), 0.5 * (FS + FS.T)
         g = _damping(FU, FS, gamma, name, "subspace")
         FUd = FU + g * torch.eye(FU.shape[0], dtype=FU.dtype)
         lam, V = gen_eig(FS, FUd, name)
@@ -233,8 +232,12 @@ def run(ctx: Context, alpha: float, *, rule: str = DEFAULTS["rule"], curvature: 
     if ctx.fisher is None:
         raise InputError("sst needs the Fisher of both objectives: pass --fisher DIR or --safety-data/--utility-data")
     kind = _kind(curvature)
-    FUr = ctx.fisher.get("utility", kind, "sst")
-    FSr = ctx.fisher.get("safety", kind, "sst")
+    if kind == "diag_sub":  # a diag_sub or an exact diag result, read per layer by diag_restricted
+        FUr = ctx.fisher.first("utility", ("diag_sub", "diag"), "sst")[1]
+        FSr = ctx.fisher.first("safety", ("diag_sub", "diag"), "sst")[1]
+    else:
+        FUr = ctx.fisher.get("utility", kind, "sst")
+        FSr = ctx.fisher.get("safety", kind, "sst")
     layers, diags = {}, {}
     for name in ctx.iterate("sst"):
         layers[name], diags[name] = _layer(ctx, name, alpha, FUr, FSr, rule, curvature, gamma, threshold, topk, rank)

@@ -8,27 +8,41 @@ Strength alpha moves from the utility model to the TIES merge:
 
     dM = dU + alpha * (M - dU)         (alpha = 0: dU exactly; alpha = 1: TIES)
 
-The dense result is factored exactly (SVD; ``rank=k`` truncates, residual reported).
+The magnitude cut of each task vector is its exact k-th largest |entry| (k = round(density O I)),
+found in a streaming pass; the rule runs on row blocks. The dense result is factored at rank
+``r_U + r_S`` by default (``rank="auto"``; an int k; ``"full"`` for every singular value), with the
+exact relative residual in the diagnostics (:mod:`sstmerge.merge.dense`).
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import InputError
 from .core import Context, Method, no_fisher
-from .dense import elect_and_merge, run_dense, trim_top
+from .dense import elect_and_merge, kth_largest_abs, run_dense
 
-DEFAULTS = {"density": 0.2, "lam": 1.0, "rank": None}
+DEFAULTS = {"density": 0.2, "lam": 1.0, "rank": "auto"}
 
 
-def run(ctx: Context, alpha: float, *, density: float = 0.2, lam: float = 1.0, rank: int | None = None):
+def run(ctx: Context, alpha: float, *, density: float = 0.2, lam: float = 1.0, rank="auto"):
     if not 0.0 < density <= 1.0:
         raise InputError(f"ties: density must be in (0, 1], got {density}")
 
-    def rule(name, dU, dS):
-        M = lam * elect_and_merge([trim_top(dU, density), trim_top(dS, density)])
+    def prepare(name, dl):
+        O, I = dl.shape
+        k = int(round(density * O * I))
+        if density >= 1.0 or k <= 0:
+            return (0.0, 0.0) if density >= 1.0 else (float("inf"), float("inf"))
+        return kth_largest_abs(dl.u, O, I, k), kth_largest_abs(dl.s, O, I, k)
+
+    def rule(name, r0, r1, dU, dS, cuts):
+        tu = torch.where(dU.abs() >= cuts[0], dU, torch.zeros_like(dU))  # ties at the cut kept
+        ts = torch.where(dS.abs() >= cuts[1], dS, torch.zeros_like(dS))
+        M = lam * elect_and_merge([tu, ts])
         return dU + alpha * (M - dU), {}
 
-    return run_dense(ctx, "ties", rule, rank)
+    return run_dense(ctx, "ties", rule, rank, prepare)
 
 
 METHOD = Method("ties", run, DEFAULTS, no_fisher, doc=__doc__)
