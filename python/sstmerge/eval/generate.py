@@ -26,7 +26,11 @@ from sstmerge.errors import InputError
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where the inputs go: the input embeddings' device (the first stage of a model split over
+    GPUs by device_map; its logits come out on the last stage's device)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    return w.device if w is not None else next(model.parameters()).device
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -106,7 +110,7 @@ def greedy_batch(model, input_ids: list[list[int]], *, max_new_tokens: int, eos_
     result: list[list[int]] = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        nxt = out.logits[:, -1, :].float().argmax(dim=-1)
+        nxt = out.logits[:, -1, :].float().argmax(dim=-1).to(device)  # logits: on the last stage's device
         done = done | torch.isin(nxt, eos)
         for i, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):
             if not d:

@@ -31,6 +31,26 @@ def vllm_status() -> tuple[bool, str]:
     return True, ""
 
 
+#: LoRA ranks vLLM accepts for ``max_lora_rank`` (vllm.config.LoRAConfig); its default is 16.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_limits(adapters: Sequence[str]) -> dict:
+    """``max_lora_rank`` (the smallest vLLM-supported rank >= every layer's rank of every adapter;
+    merged adapters reach r_U + r_S, above vLLM's default 16) and ``max_loras`` (adapters in one
+    batch: one here, each model is evaluated on its own)."""
+    from sstmerge.adapters import load_adapter  # noqa: PLC0415
+
+    if not adapters:
+        return {}
+    top = max(max((L.rank for L in load_adapter(a, what="adapter").layers.values()), default=0) for a in adapters)
+    fits = [r for r in VLLM_LORA_RANKS if r >= top]
+    if not fits:
+        raise InputError(f"an adapter has rank {top}; vLLM supports LoRA ranks up to {VLLM_LORA_RANKS[-1]}: "
+                         "merge with a lower rank (--rank) or use the HF backend")
+    return {"max_lora_rank": fits[0], "max_loras": 1}
+
+
 def evaluate_refusal_vllm(model_name: str, adapter: str | None, prompts: Sequence[str], ids: Sequence[Any], *,
                           max_new_tokens: int, judge) -> list[dict]:
     ok, why = vllm_status()
@@ -42,7 +62,8 @@ def evaluate_refusal_vllm(model_name: str, adapter: str | None, prompts: Sequenc
     from sstmerge.models import resolve_model_dir  # noqa: PLC0415
 
     path = str(resolve_model_dir(model_name))
-    llm = LLM(model=path, dtype="bfloat16", seed=0, enable_lora=bool(adapter), trust_remote_code=False)
+    llm = LLM(model=path, dtype="bfloat16", seed=0, enable_lora=bool(adapter), trust_remote_code=False,
+              **lora_limits([adapter] if adapter else []))
     tok = llm.get_tokenizer()
     inputs = [{"prompt_token_ids": tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"]} for p in prompts]
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
