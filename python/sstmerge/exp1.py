@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=stats.N_BOOT, help="bootstrap resamples")
     p.add_argument("--backend", default="auto", help="kernel backend for Fisher and fused merges")
     p.add_argument("--stop-after", choices=STAGES[:-1], help="stop after this stage (resume later)")
+    p.add_argument("--plan", action="store_true",
+                   help="print each stage's estimated GPU/host memory, disk and time (no weights loaded), then exit")
     return p
 
 
@@ -476,6 +478,9 @@ def run(cfg: Config, out_dir: Path, stop_after: str | None = None, log=print) ->
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = _config(args)
+    if args.plan:  # arithmetic only (sstmerge.plan, docs/models.md): before prepare, no weights
+        from .plan import print_plan
+        return print_plan(cfg)
     out = Path(args.out or f"runs/exp1-{Path(cfg.model).name}{'-quick' if cfg.quick else ''}")
     t0 = time.perf_counter()
     results = run(cfg, out, stop_after=args.stop_after)

@@ -187,3 +187,54 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+# ---------------------------------------------------------------- shapes for `exp1 --plan` (issue 13)
+# Kept apart from the registry above: the layer shapes of each registry model (from its public
+# config.json), so --plan and bench/scale_sim need no weights and no network.
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A Llama-family decoder's shapes: ``layers`` blocks of attention (``heads`` x ``head_dim``
+    queries, ``kv_heads`` x ``head_dim`` keys/values) and a gated MLP (``intermediate``)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = False
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """[O, I] of the 7 target projections of one decoder layer."""
+        H, F, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
+                "gate_proj": (F, H), "up_proj": (F, H), "down_proj": (H, F)}
+
+    def params(self) -> int:
+        """All parameters (projections, 2 norms per layer, final norm, embeddings, head unless tied)."""
+        per = sum(o * i for o, i in self.projections().values()) + 2 * self.hidden
+        return self.layers * per + self.hidden + self.vocab * self.hidden * (1 if self.tied else 2)
+
+
+SHAPES: dict[str, ModelShape] = {
+    "mistral-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 32768),
+    "llama-3.1-8b": ModelShape(4096, 14336, 32, 32, 8, 128, 128256),
+    "qwen2.5-14b": ModelShape(5120, 13824, 48, 40, 8, 128, 152064),
+    "smollm2-135m": ModelShape(576, 1536, 30, 9, 3, 64, 49152, tied=True),
+}
+
+
+def shape_from_config(cfg: dict) -> ModelShape:
+    """A :class:`ModelShape` from a config.json dict (Llama / Mistral / Qwen2 keys)."""
+    try:
+        heads = int(cfg["num_attention_heads"])
+        return ModelShape(int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"]),
+                          heads, int(cfg.get("num_key_value_heads") or heads),
+                          int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads), int(cfg["vocab_size"]),
+                          bool(cfg.get("tie_word_embeddings", False)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"config.json lacks a decoder shape entry ({e}); --plan needs hidden_size, "
+                         "intermediate_size, num_hidden_layers, num_attention_heads, vocab_size") from None

@@ -313,14 +313,16 @@ def _rows_hash(rows) -> str:
 
 def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_rows, utility_rows,
             cache_dir: str | Path | None = None, backend: str = "auto", seed: int = 0, progress: bool = False,
-            batch_size: int = 8, fisher: str = "empirical", samples: int = 1) -> FisherInputs:
+            batch_size: int = 4, fisher: str = "empirical", samples: int = 1) -> FisherInputs:
     """Estimate the Fisher results ``pairs`` with :func:`sstmerge.fisher.estimate`.
 
     ``utility``/``safety`` are adapter directories. ``subspace``/``kfac`` are taken in the joint
     subspace of the two adapters (:func:`sstmerge.adapters.joint_subspace`). Results are cached in
     ``cache_dir`` as ``{role}.{kind}.safetensors`` with a key over base, adapters, rows and options.
     ``fisher``: "empirical" (labels from the data) or "true" (``samples`` label draws from the model
-    per position, seeded), as :func:`sstmerge.fisher.estimate`."""
+    per position, seeded), as :func:`sstmerge.fisher.estimate`. ``batch_size`` 4: at 512 tokens a
+    Qwen2.5-14B pass then fits one 80 GB GPU (docs/models.md, "Planning a run"); the sums do not
+    depend on it."""
     from .. import adapters as ad
     from ..fisher.result import FisherResult
 
