@@ -177,10 +177,10 @@ def merge_cpu_seconds(shapes, costs: dict, n_alphas: int) -> dict[str, float]:
 
 def merge_host_bytes(shapes, r: int, a: Assumptions) -> int:
     """Host peak of one merge: the process, the two input adapters and the merged factors of every
-    layer (fp32), one [O, I] fp32 result D of the largest layer, ~12 row-block arrays of 16 MB."""
+    layer (fp32), one [O, I] fp32 result D of the largest layer, ~12 row-block arrays of 1 MB."""
     o, i = max(shapes, key=lambda t: t[0] * t[1])
     ins = adapter_bytes(shapes, [r] * len(shapes))
-    return int(a.host_base_gb * GB + 2 * ins + 2 * ins + 4 * o * i + 12 * 4 * (1 << 22))
+    return int(a.host_base_gb * GB + 2 * ins + 2 * ins + 4 * o * i + 12 * 4 * (1 << 18))
 
 
 # --------------------------------------------------------------------------- the plan
