@@ -3,6 +3,11 @@
 AdamW on the trainable parameters, linear warm-up then cosine decay to 10 % of ``lr``, gradient
 clipping at 1.0, batches cycled epoch after epoch (reshuffled per epoch from ``seed``). Seeded: the
 same inputs and seed give the same parameters on the same machine.
+
+The loss is the mean next-token cross-entropy over the batch's counted tokens (``loss_weighting=
+"token"``, transformers' own), or the mean over rows of each row's mean (``"row"``): every example
+weighs the same whatever its length, so a one-token answer letter is not drowned by 20-token chat
+replies in a mixed batch.
 """
 
 from __future__ import annotations
@@ -23,16 +28,37 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
+LOSS_WEIGHTINGS = ("token", "row")
+
+
+def row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``mean_b [ mean_{t counted in row b} CE(logits[b, t-1], labels[b, t]) ]`` over rows with a counted
+    token (labels ``-100`` do not count), in the logits' dtype."""
+    from ..data.batches import IGNORE
+
+    lg, lab = logits[:, :-1], labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lab.reshape(-1), ignore_index=IGNORE,
+                                           reduction="none").view(lab.shape)
+    counted = (lab != IGNORE).sum(1)
+    keep = counted > 0
+    if not bool(keep.any()):
+        raise InputError("a training batch has no counted token")
+    return (ce.sum(1)[keep] / counted[keep]).mean()
+
+
 def run_steps(model: torch.nn.Module, make_epoch: Callable[[int], Iterator[Mapping[str, torch.Tensor]]], *,
               steps: int, lr: float, weight_decay: float = 0.0, warmup: int | None = None,
               device: torch.device | None = None, desc: str = "train", progress: bool = True,
-              autocast_dtype: torch.dtype | None = None) -> list[float]:
+              autocast_dtype: torch.dtype | None = None, loss_weighting: str = "token") -> list[float]:
     """Run ``steps`` optimiser steps over batches from ``make_epoch(epoch)``; return the losses.
 
-    A non-finite loss stops training with an error (no silent skipping).
+    loss_weighting: ``"token"`` or ``"row"`` (module docstring). A non-finite loss stops training with an
+    error (no silent skipping).
     """
     from tqdm.auto import tqdm
 
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise InputError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -57,7 +83,11 @@ def run_steps(model: torch.nn.Module, make_epoch: Callable[[int], Iterator[Mappi
                     raise InputError("the training data yields no batches")
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = model(**batch).loss
+                if loss_weighting == "row":
+                    labels = batch["labels"]
+                    loss = row_mean_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, labels)
+                else:
+                    loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{desc}: non-finite loss {loss.item()} at step {len(losses)}; lower lr")
             loss.backward()
@@ -120,11 +150,11 @@ def pretrain_causal_lm(model: torch.nn.Module, tokenizer, docs: Sequence[Mapping
 
 def finetune_full(model: torch.nn.Module, tokenizer, row_groups: Sequence[Sequence[Mapping]], *, steps: int,
                   lr: float, seed: int, batch_size: int, max_length: int = 256, weight_decay: float = 0.01,
-                  progress: bool = True, desc: str = "instruct") -> list[float]:
+                  progress: bool = True, desc: str = "instruct", loss_weighting: str = "token") -> list[float]:
     """Supervised fine-tuning of all parameters on answers only; return the losses.
 
-    ``row_groups``: groups of rows, each all chat or all MMLU (see sstmerge.data.batches); the groups
-    are shuffled together.
+    ``row_groups``: groups of chat and/or MMLU rows (see sstmerge.data.batches), shuffled together;
+    ``loss_weighting`` as in :func:`run_steps`.
     """
     from ..data.batches import batch_encoded, encode_rows
 
@@ -132,4 +162,5 @@ def finetune_full(model: torch.nn.Module, tokenizer, row_groups: Sequence[Sequen
     torch.manual_seed(seed)
     return run_steps(model, lambda epoch: batch_encoded(tokenizer, encoded, batch_size, shuffle=True,
                                                         seed=seed * 1000003 + epoch),
-                     steps=steps, lr=lr, weight_decay=weight_decay, desc=desc, progress=progress)
+                     steps=steps, lr=lr, weight_decay=weight_decay, desc=desc, progress=progress,
+                     loss_weighting=loss_weighting)

@@ -29,14 +29,17 @@ def train_lora(model_or_path, rows: Sequence[Mapping], out_dir: str | os.PathLik
                alpha: float = 16, target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, steps: int = 200,
                lr: float = 1e-3, seed: int = 0, batch_size: int = 8, max_length: int = 512,
                dropout: float = 0.0, weight_decay: float = 0.0, warmup: int | None = None, tokenizer=None,
-               gradient_checkpointing: bool | None = None, progress: bool = True, desc: str = "lora") -> Path:
+               gradient_checkpointing: bool | None = None, progress: bool = True, desc: str = "lora",
+               loss_weighting: str = "token", save_dtype: torch.dtype | None = None) -> Path:
     """Train a LoRA adapter (rank ``r``, scale ``alpha / r``) on ``rows`` and save it to ``out_dir``.
 
     model_or_path: a registry name / directory (loaded with :func:`sstmerge.models.load_model`) or a
     loaded model (then ``tokenizer`` is required; the model is returned to its original state: the
     LoRA layers are removed after saving). rows: all chat rows ``{"messages": [...]}`` (only assistant
-    tokens count) or all MMLU rows (the harness prompt; only the answer letter counts).
-    Seeded: adapter initialisation and batch order follow ``seed``. Returns ``Path(out_dir)``.
+    tokens count) and/or MMLU rows (the harness prompt; only the answer letter counts).
+    loss_weighting: ``"token"`` (transformers' mean over tokens) or ``"row"`` (every row weighs the
+    same; :func:`sstmerge.train.loop.run_steps`). save_dtype: cast the LoRA weights to this dtype in the
+    saved adapter (e.g. fp32 from an fp64 training run); default: as trained. Seeded: adapter initialisation and batch order follow ``seed``. Returns ``Path(out_dir)``.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -80,14 +83,18 @@ def train_lora(model_or_path, rows: Sequence[Mapping], out_dir: str | os.PathLik
             peft_model,
             lambda epoch: batch_encoded(tokenizer, encoded, batch_size, shuffle=True, seed=seed * 1000003 + epoch),
             steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup, device=device, desc=desc,
-            progress=progress, autocast_dtype=torch.bfloat16 if on_gpu else None)
+            progress=progress, autocast_dtype=torch.bfloat16 if on_gpu else None, loss_weighting=loss_weighting)
+        if save_dtype is not None:
+            for n, p in peft_model.named_parameters():
+                if "lora_" in n:
+                    p.data = p.data.to(save_dtype)
         out_dir = Path(out_dir)
         with atomic_dir(out_dir) as tmp:
             peft_model.save_pretrained(tmp, safe_serialization=True)
             write_json(tmp / "train_log.json", {
                 "r": r, "alpha": alpha, "target_modules": list(target_modules), "steps": steps, "lr": lr,
                 "seed": seed, "batch_size": batch_size, "max_length": max_length, "dropout": dropout,
-                "weight_decay": weight_decay, "rows": len(rows), "seconds": round(time.perf_counter() - t0, 2),
+                "weight_decay": weight_decay, "loss_weighting": loss_weighting, "rows": len(rows), "seconds": round(time.perf_counter() - t0, 2),
                 "loss_first10": sum(losses[:10]) / len(losses[:10]), "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                 "losses": [round(x, 5) for x in losses]})
     finally:
