@@ -1,68 +1,64 @@
 """The tiny world: a small Llama model, its tokenizer, two real LoRA adapters and their data, built here.
 
-:func:`ensure_tiny_world` builds (first call) or reuses (later calls) a directory holding
+:func:`ensure` builds (first call) or reuses (later calls) a directory holding
 
 * ``base_model/``: a 4-layer, d=128 Llama (about 0.7 M parameters) with a word-level tokenizer and a
-  chat template, pretrained on the synthetic world's text (sstmerge.data.world; the assistant complies
-  with every request) and then instruction-tuned on answered quizzes of the pretraining subjects (all
-  parameters, answer letters only), saved with
+  chat template (``User: ...\nAssistant: ...``), pretrained on the synthetic world's text
+  (:mod:`sstmerge.data.world`; the assistant complies with every request) and then instruction-tuned
+  on answered quizzes of the pretraining subjects (all parameters, answer letters only), saved with
   ``save_pretrained`` (safetensors) and loadable by :func:`sstmerge.models.load_model`;
 * ``utility_adapter/``, ``safety_adapter/``: peft LoRA adapters (same rank and target modules) trained
-  with :func:`sstmerge.train.train_lora`: utility on the world's MMLU-format quiz (answer by letter),
-  safety on refusing harmful requests and complying with benign look-alikes;
-* ``data/*.jsonl``: the splits, in the real datasets' columns (see sstmerge.data.world).
+  with :func:`sstmerge.train.train_lora`: utility on the world's MMLU-format quiz plus technical help
+  in chat, safety on refusing harmful requests and complying with benign look-alikes;
+* ``data/<split>.jsonl``: every split of :data:`sstmerge.worlds.base.SPLITS`, in the real datasets'
+  columns; dev and test use disjoint templates (see :mod:`sstmerge.data.world`).
 
-Everything is seeded; the directory name is a hash of the configuration and the package version, so a
-changed recipe builds a new world. The build writes into a temporary directory renamed into place when
-complete, and a manifest of file hashes is checked on reuse (a corrupt entry is rebuilt).
+Everything is seeded; the directory name is a hash of the configuration, the recipe number and the
+package version, so a changed recipe builds a new world. The build writes into a temporary directory
+renamed into place when complete, and a manifest of file hashes is checked on reuse (a corrupt entry
+is rebuilt). ``python -m sstmerge.worlds reference tiny`` measures the reference table; docs/merge.md
+gives it under several CPU settings and seeds.
 
-Measured on the held-out splits (recipe 2, seed 0; 128 quiz items, 50 harmful, 50 benign prompts;
-greedy decoding, GCG refusal keywords; letter log-likelihood): base 33.6 % quiz, 0 % refusal, 0 %
-over-refusal; base+utility 75.0 % quiz; base+safety 100 % refusal, 0 % over-refusal; task arithmetic
-at alpha=1 (base + dU + dS) 37.5 % quiz and 0 % refusal (the reply slot is taken by the letters);
-0.25 dU + dS 46.9 % quiz, 48 % refusal. tests/test_world.py checks the issue's targets on the cache.
-
-``quick=True`` returns the same world. A smaller one was measured (150/100/120/120 steps instead of
-250/150/200/200): it saved only about 25 s of CPU (59 s against 86 s) and missed the calibration
-(over-refusal 16 %), and a second world would make every fresh test run build twice. The full world
-is built once (about 2 minutes on 2 cores) and every caller reuses it.
+``quick=True`` returns the same world: a second, smaller world would make every fresh test run build
+twice, and the full one builds in about two minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
-import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .data import world as W
-from .io import atomic_dir, write_json, write_jsonl
+from .. import __version__
+from ..data import world as W
+from ..io import write_jsonl
+from .base import SPLITS, World, cached_build, config_key
 
+NAME = "tiny"
 #: Bump when the build recipe changes in a way the config does not capture.
-RECIPE = 2
+RECIPE = 4
+#: exp1's evaluation settings for this world (a reply opens with its decision: 16 tokens show it).
+EVAL_DEFAULTS = {"max_new_tokens": 16, "batch_size": 32}
 
 _SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
 #: Word-level pieces: a word or one punctuation mark, each with its leading space, or one whitespace.
 TOKEN_PATTERN = r" ?[A-Za-z0-9_]+| ?[^\sA-Za-z0-9_]|\s"
+#: The reply goes after "Assistant:", not after "Answer:" where the MMLU prompt expects its letter.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
-    "{% elif message['role'] == 'user' %}Question: {{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}Answer: {{ message['content'] }}{{ eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}Assistant: {{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class TinyConfig:
+class Config:
     """Everything that determines the tiny world (its hash names the cache entry)."""
 
     world: W.WorldConfig = W.WorldConfig()
@@ -82,49 +78,16 @@ class TinyConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     utility_steps: int = 200
     utility_lr: float = 3e-3
-    safety_steps: int = 200
+    safety_steps: int = 300
     safety_lr: float = 5e-3
     adapter_batch: int = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class TinyWorld:
-    """Paths of a built tiny world (all inside ``root``). Data files are JSONL; see sstmerge.data.world."""
-
-    root: Path
-    base_model: Path
-    utility_adapter: Path
-    safety_adapter: Path
-    mmlu_test: Path
-    mmlu_dev: Path
-    harmful_test: Path
-    benign_test: Path
-    safety_train: Path
-    utility_train: Path
-    safety_fisher: Path
-    utility_fisher: Path
-    card: Path
-
-    @classmethod
-    def at(cls, root: Path) -> "TinyWorld":
-        d = root / "data"
-        return cls(root=root, base_model=root / "base_model", utility_adapter=root / "utility_adapter",
-                   safety_adapter=root / "safety_adapter", mmlu_test=d / "mmlu_test.jsonl",
-                   mmlu_dev=d / "mmlu_dev.jsonl", harmful_test=d / "harmful_test.jsonl",
-                   benign_test=d / "benign_test.jsonl", safety_train=d / "safety_train.jsonl",
-                   utility_train=d / "utility_train.jsonl", safety_fisher=d / "safety_fisher.jsonl",
-                   utility_fisher=d / "utility_fisher.jsonl", card=root / "world.json")
-
-
-def config_key(cfg: TinyConfig) -> str:
-    """Hash of the configuration, the recipe number and the package version."""
-    blob = json.dumps({"config": dataclasses.asdict(cfg), "recipe": RECIPE, "version": __version__}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def default_cache_dir() -> Path:
-    """``$SSTMERGE_CACHE`` or ``~/.cache/sstmerge``."""
-    return Path(os.environ.get("SSTMERGE_CACHE") or Path.home() / ".cache" / "sstmerge").expanduser()
+    #: Training runs in fp64 (saved as fp32): the world must not depend on which CPU built it. In fp32 a
+    #: different kernel's summation order (AVX-512 vs AVX2, MKL vs oneDNN) moved the utility gain from
+    #: +41 to +16 points; fp64 shrinks that seed of divergence by ~9 orders of magnitude.
+    train_dtype: str = "float32"
+    #: Every training row weighs the same (see sstmerge.train.loop): a quiz's one answer letter is not
+    #: outweighed by the 20-token replies of the chats it is mixed with.
+    loss_weighting: str = "row"
 
 
 def build_tokenizer(texts):
@@ -155,7 +118,7 @@ def _world_texts(world: dict, docs: list) -> list[str]:
     """Every string the tokenizer must cover (all splits, the corpus, the templates' fixed words)."""
     texts = [CHAT_TEMPLATE.replace("{", " ").replace("}", " "), W.REFUSAL, "Question: Answer:"]
     texts += [" " + x for x in ("A", "B", "C", "D")]
-    from .data.formats import mmlu_prompt
+    from ..data.formats import mmlu_prompt
 
     for name, rows in world.items():
         for r in rows:
@@ -171,15 +134,31 @@ def _world_texts(world: dict, docs: list) -> list[str]:
     return texts
 
 
-def _build(cfg: TinyConfig, root: Path, progress: bool) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .models import load_model
-    from .train import finetune_full, pretrain_causal_lm, train_lora
-
-    timings = {}
+def _build(cfg: Config, root: Path, progress: bool) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     world = W.generate_world(cfg.world)
+    info = build_base(cfg, world, root / "base_model", progress)
+    info["retain_agreement"] = label_retain_with_base(world, root / "base_model")
+    data = root / "data"
+    for name in (*SPLITS, "harmful_train", "benign_train", "harmful_fisher", "benign_fisher"):
+        write_jsonl(data / f"{name}.jsonl", world[name])
+    info["timings"].update(build_adapters(cfg, world, root / "base_model", root, progress))
+    info["timings"]["total_s"] = round(time.perf_counter() - t0, 2)
+    # CPU seconds of this process (the build runs one thread): its wall time on an idle machine
+    info["timings"]["cpu_s"] = round(time.process_time() - c0, 2)
+    info["sizes"] = {k: len(v) for k, v in world.items()}
+    return info
+
+
+def build_base(cfg: Config, world: dict, out: Path, progress: bool) -> dict:
+    """Pretrain and instruction-tune the base model on ``world``'s text; save it (and its tokenizer) to
+    ``out``. Returns timings, final losses, parameter count and vocabulary size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..train import finetune_full, pretrain_causal_lm
+
+    timings = {}
+    t0 = time.perf_counter()
     docs = W.pretraining_corpus(world, cfg.world)
     tokenizer = build_tokenizer(_world_texts(world, docs))
     torch.manual_seed(cfg.seed)
@@ -188,26 +167,54 @@ def _build(cfg: TinyConfig, root: Path, progress: bool) -> dict:
                        max_position_embeddings=cfg.max_positions, tie_word_embeddings=True, rms_norm_eps=1e-6,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(mcfg)
+    model = LlamaForCausalLM(mcfg).to(getattr(torch, cfg.train_dtype))
     pre_losses = pretrain_causal_lm(model, tokenizer, docs, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                                     seed=cfg.seed, batch_size=cfg.pretrain_batch, progress=progress)
     timings["pretrain_s"] = round(time.perf_counter() - t0, 2)
     t1 = time.perf_counter()
     sft_losses = finetune_full(model, tokenizer, [W.instruction_rows(world, cfg.world)], steps=cfg.instruct_steps,
-                               lr=cfg.instruct_lr, seed=cfg.seed, batch_size=cfg.pretrain_batch, progress=progress)
+                               lr=cfg.instruct_lr, seed=cfg.seed, batch_size=cfg.pretrain_batch, progress=progress,
+                               loss_weighting=cfg.loss_weighting)
     timings["instruct_s"] = round(time.perf_counter() - t1, 2)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(root / "base_model", safe_serialization=True)
-    tokenizer.save_pretrained(root / "base_model")
-    del model
-    data = root / "data"
-    for name in ("mmlu_test", "mmlu_dev", "harmful_test", "benign_test", "safety_train", "utility_train",
-                 "safety_fisher", "utility_fisher", "harmful_train", "benign_train", "harmful_fisher", "benign_fisher"):
-        write_jsonl(data / f"{name}.jsonl", world[name])
+    model.to(torch.float32)  # the saved model is fp32, as the registry loads it
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {"timings": timings, "pretrain_loss_last10": sum(pre_losses[-10:]) / 10,
+            "instruct_loss_last10": sum(sft_losses[-10:]) / 10,
+            "params": sum(p.numel() for p in model.parameters()), "vocab": len(tokenizer)}
 
-    base, tok = load_model(root / "base_model", device="cpu")  # the registry path, as users load it
+
+def label_retain_with_base(world: dict, base_dir: Path) -> float:
+    """Give ``safety_train``'s retain quizzes (``"retain": True``) the base model's own answer letter
+    (the argmax of the letters' log-likelihoods, as MMLU is scored), in place. Returns the share whose
+    letter was already the true one."""
+    from .. import eval as ev
+    from ..models import load_model
+
+    rows = [r for r in world["safety_train"] if r.get("retain")]
+    if not rows:
+        return float("nan")
+    model, tok = load_model(base_dir, device="cpu")
+    preds = ev.evaluate_mmlu(model, tok, rows, batch_size=64)
+    agree = sum(int(p["pred"]) == int(r["answer"]) for p, r in zip(preds, rows)) / len(rows)
+    for p, r in zip(preds, rows):
+        r["answer"] = int(p["pred"])
+    return round(agree, 4)
+
+
+def build_adapters(cfg: Config, world: dict, base_dir: Path, root: Path, progress: bool) -> dict:
+    """Train the utility and the safety LoRA adapter on the base model in ``base_dir``; save them to
+    ``root/utility_adapter`` and ``root/safety_adapter``. Returns their timings."""
+    from ..models import load_model
+    from ..train import train_lora
+
+    timings = {}
+    base, tok = load_model(base_dir, device="cpu")  # the registry path, as users load it
+    base.to(getattr(torch, cfg.train_dtype))
     common = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
-                  batch_size=cfg.adapter_batch, tokenizer=tok, progress=progress)
+                  batch_size=cfg.adapter_batch, tokenizer=tok, progress=progress,
+                  loss_weighting=cfg.loss_weighting, save_dtype=torch.float32)
     t1 = time.perf_counter()
     train_lora(base, world["utility_train"], root / "utility_adapter", steps=cfg.utility_steps,
                lr=cfg.utility_lr, seed=cfg.seed + 1, desc="utility adapter", **common)
@@ -216,62 +223,40 @@ def _build(cfg: TinyConfig, root: Path, progress: bool) -> dict:
     train_lora(base, world["safety_train"], root / "safety_adapter", steps=cfg.safety_steps,
                lr=cfg.safety_lr, seed=cfg.seed + 2, desc="safety adapter", **common)
     timings["safety_s"] = round(time.perf_counter() - t1, 2)
-    timings["total_s"] = round(time.perf_counter() - t0, 2)
-    # CPU seconds of this process (the build runs one thread): its wall time on an idle machine
-    timings["cpu_s"] = round(time.process_time() - c0, 2)
-    return {"timings": timings, "pretrain_loss_last10": sum(pre_losses[-10:]) / 10,
-            "instruct_loss_last10": sum(sft_losses[-10:]) / 10,
-            "params": sum(p.numel() for p in base.parameters()), "vocab": len(tok),
-            "sizes": {k: len(v) for k, v in world.items()}}
+    return timings
 
 
-def _manifest(root: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+def _dirname(cfg: Config) -> str:
+    return f"tiny-{config_key(cfg, RECIPE, __version__)}"
 
 
-def _valid(root: Path) -> bool:
-    try:
-        recorded = json.loads((root / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return recorded == _manifest(root)
+def ensure(cache_dir: str | os.PathLike | None = None, *, progress: bool = True, config: Config | None = None,
+           quick: bool = False) -> World:
+    """The tiny world, built first if the cache has no valid copy.
 
-
-def ensure_tiny_world(cache_dir: str | os.PathLike | None = None, *, quick: bool = False,
-                      progress: bool = True, config: TinyConfig | None = None) -> TinyWorld:
-    """Return the tiny world, building it first if the cache has no valid copy.
-
-    cache_dir: default :func:`default_cache_dir`. quick: accepted for the layers' ``--quick`` modes and
-    returns the same world (see the module docstring). config: an explicit :class:`TinyConfig`.
+    cache_dir: default :func:`sstmerge.worlds.base.default_cache_dir`. config: an explicit :class:`Config`.
+    quick: accepted for the layers' ``--quick`` modes; returns the same world (module docstring).
     Concurrent callers wait on a lock and build once.
     """
-    cfg = config or TinyConfig()
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    root = cache / f"tiny-{config_key(cfg)}"
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if root.exists() and _valid(root):
-            return TinyWorld.at(root)
-        if root.exists():
-            print(f"sstmerge: the cached tiny world {root} is incomplete or corrupt; rebuilding it", file=sys.stderr)
-        if progress:
-            print(f"sstmerge: building the tiny world in {root} (about 2 minutes on 2 cores)", file=sys.stderr)
+    cfg = config or Config()
+
+    def build(tmp: Path) -> dict:
         threads = torch.get_num_threads()
         # The matrices are tiny (d=128) and gain little from threads, while oversubscription hurts: on a
         # shared 2-core machine one pretraining step took 0.28 s with one thread and 1-7 s with two.
         torch.set_num_threads(1)
         try:
-            with atomic_dir(root) as tmp:
-                info = _build(cfg, tmp, progress)
-                write_json(tmp / "world.json", {"config": dataclasses.asdict(cfg), "key": config_key(cfg),
-                                                "version": __version__, "recipe": RECIPE,
-                                                "torch": torch.__version__, **info})
-                write_json(tmp / "manifest.json", _manifest(tmp))
+            info = _build(cfg, tmp, progress)
         finally:
             torch.set_num_threads(threads)
-        return TinyWorld.at(root)
+        return {"config": dataclasses.asdict(cfg), "key": config_key(cfg, RECIPE, __version__),
+                "version": __version__, "recipe": RECIPE, "torch": torch.__version__, **info}
+
+    root = cached_build(cache_dir, _dirname(cfg), build, progress=progress, what="tiny world",
+                        expect="about 2 minutes on 2 cores")
+    return World.at(NAME, root)
+
+
+def base_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The tiny world's base model (the world is built first if needed: the base is trained here)."""
+    return ensure(cache_dir).base_model
