@@ -59,9 +59,9 @@ def _world(mode):
     from sstmerge.data.batches import training_batches
     from sstmerge.data.files import read_rows
     from sstmerge.models import load_model
-    from sstmerge.tiny import ensure_tiny_world
+    from sstmerge import worlds
 
-    w = ensure_tiny_world(progress=False)
+    w = worlds.ensure("tiny", progress=False)
     base, tok = load_model(w.base_model)
     model = peft.PeftModel.from_pretrained(base, str(w.safety_adapter)).eval()
     rows = read_rows(w.safety_fisher)

@@ -17,7 +17,7 @@ def _tiny_dir(path):
     """A small random Llama + the tiny world's tokenizer, saved as a user would save a model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sstmerge.tiny import build_tokenizer
+    from sstmerge.worlds.tiny import build_tokenizer
 
     tok = build_tokenizer(["Which of the following is a color?", "I'm sorry, but I cannot help with that."])
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ def tiny(tmp_path_factory):
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sstmerge.tiny import build_tokenizer
+    from sstmerge.worlds.tiny import build_tokenizer
 
     texts = [" " + m["content"] for r in CHAT for m in r["messages"]] + [mmlu_prompt(r) for r in MMLU]
     tok = build_tokenizer(texts + [" A B C D", "Question: Answer:"])
@@ -87,8 +87,11 @@ def test_batches_shuffle_is_seeded_and_complete(tiny):
 
 def test_bad_rows(tiny):
     _, tok, _ = tiny
-    with pytest.raises(InputError, match="mix"):
-        list(training_batches(tok, CHAT + MMLU, 2))
+    # a task SFT set may mix chat and MMLU rows: each row is encoded by its own kind
+    mixed = list(training_batches(tok, CHAT + MMLU, 64))
+    assert sum(b["input_ids"].shape[0] for b in mixed) == len(CHAT) + len(MMLU)
+    with pytest.raises(InputError, match="must be chat"):
+        list(training_batches(tok, CHAT + [{"text": "no kind"}], 2))
     with pytest.raises(InputError, match="end with an assistant"):
         list(chat_batches(tok, [{"messages": CHAT[0]["messages"][:1]}], 2))
     with pytest.raises(InputError, match="answer must be 0-3"):

@@ -7,7 +7,8 @@
 Stages (each caches its output in --out; an interrupted run resumes where it stopped):
 
   prepare   the base model, the utility adapter U and the safety adapter S (the tiny world is built
-            and cached by sstmerge.tiny); the evaluation items, the same for every model.
+            and cached by sstmerge.worlds); the
+            evaluation items (the world's test split, or --split dev for tuning), the same for every model.
   fisher    the Fisher statistics the methods need (sstmerge.merge.fisher_inputs -> sstmerge.fisher).
   merge     every method over its α sweep, each written as a peft adapter with its diagnostics.
   evaluate  the baseline (base + U; or the base alone with --baseline base), the reference models and
@@ -56,6 +57,7 @@ class Config:
     k_shot: int = 0
     baseline: str = "utility"
     quick: bool = False
+    split: str = "test"
     seed: int = 0
     batch_size: int = 32
     max_new_tokens: int = 16
@@ -75,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m sstmerge.exp1",
         description="The Safety Tax experiment: baseline vs SST-Merge and baselines, with paired statistics.",
     )
-    p.add_argument("--model", default="tiny", help="tiny | mistral-7b | llama-3.1-8b | qwen2.5-14b | PATH")
+    p.add_argument("--model", default="tiny",
+                   help="tiny (the package's world) | smollm2-135m | mistral-7b | llama-3.1-8b | qwen2.5-14b | PATH")
     p.add_argument("--utility-adapter", help="peft adapter dir of the task (utility) adapter")
     p.add_argument("--safety-adapter", help="peft adapter dir of the safety adapter")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
@@ -87,16 +90,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k-shot", type=int, default=0, help="MMLU few-shot examples from the dev split")
     p.add_argument("--baseline", choices=("utility", "base"), default="utility",
                    help="baseline model: base + utility adapter (default) or the base alone")
-    p.add_argument("--harmful-data", help="harmful prompts file (AdvBench/HarmBench columns) for real models")
-    p.add_argument("--benign-data", help="benign look-alike prompts file (XSTest columns) for real models")
-    p.add_argument("--mmlu-data", help="MMLU test file (cais/mmlu columns) for real models")
-    p.add_argument("--safety-data", help="safety data (chat JSONL) for the Fisher estimates")
-    p.add_argument("--utility-data", help="utility data (chat or MMLU JSONL) for the Fisher estimates")
+    p.add_argument("--harmful-data", help="harmful prompts file (AdvBench/HarmBench columns); replaces a world's own")
+    p.add_argument("--benign-data", help="benign look-alike prompts file (XSTest columns); replaces a world's own")
+    p.add_argument("--mmlu-data", help="MMLU test file (cais/mmlu columns); replaces a world's own")
+    p.add_argument("--safety-data", help="safety data (chat JSONL) for the Fisher estimates; replaces a world's own")
+    p.add_argument("--utility-data", help="utility data (chat and/or MMLU JSONL) for the Fisher estimates; "
+                                          "replaces a world's own")
+    p.add_argument("--split", choices=("test", "dev"), default="test",
+                   help="a world's items to evaluate: test (reports) or dev (tuning; disjoint templates)")
     p.add_argument("--quick", action="store_true", help="the tiny world, small: for tests (< 60 s)")
     p.add_argument("--out", help="run directory (default runs/exp1-<model>[-quick])")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help="evaluation batch size (default: the world's, else 32)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="reply tokens generated for refusal detection (default: the world's, else 16)")
     p.add_argument("--n-boot", type=int, default=stats.N_BOOT, help="bootstrap resamples")
     p.add_argument("--backend", default="auto", help="kernel backend for Fisher and fused merges")
     p.add_argument("--stop-after", choices=STAGES[:-1], help="stop after this stage (resume later)")
@@ -112,17 +119,23 @@ def _config(args: argparse.Namespace) -> Config:
     alphas = args.alphas or list(QUICK_ALPHAS if args.quick else DEFAULT_ALPHAS)
     if any(not (0.0 <= a <= 4.0) for a in alphas):
         raise InputError(f"--alphas must lie in [0, 4], got {alphas}")
-    for name in ("harmful_n", "benign_n", "mmlu_n"):
+    for name in ("harmful_n", "benign_n", "mmlu_n", "batch_size", "max_new_tokens"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    if args.quick and args.model != "tiny":
+    world = is_world(args.model, args.utility_adapter, args.safety_adapter)
+    if args.quick and not world:
         raise InputError("--quick runs the tiny world; drop --model or --quick")
+    if args.split != "test" and not world:
+        raise InputError(f"--split selects a world's items; for --model {args.model} pass the items to evaluate as "
+                         "--harmful-data/--benign-data/--mmlu-data")
+    defaults = _world_module(args.model).EVAL_DEFAULTS if world else {"max_new_tokens": 16, "batch_size": 32}
     cfg = Config(
         model=args.model, utility_adapter=args.utility_adapter, safety_adapter=args.safety_adapter,
         methods=methods, alphas=sorted(set(alphas)), harmful_n=args.harmful_n, benign_n=args.benign_n,
-        mmlu_n=args.mmlu_n, k_shot=args.k_shot, baseline=args.baseline, quick=args.quick, seed=args.seed,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot,
+        mmlu_n=args.mmlu_n, k_shot=args.k_shot, baseline=args.baseline, quick=args.quick, split=args.split,
+        seed=args.seed, batch_size=args.batch_size or defaults["batch_size"],
+        max_new_tokens=args.max_new_tokens or defaults["max_new_tokens"], n_boot=args.n_boot,
         harmful_data=args.harmful_data, benign_data=args.benign_data, mmlu_data=args.mmlu_data,
         safety_data=args.safety_data, utility_data=args.utility_data, backend=args.backend,
     )
@@ -134,6 +147,22 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def is_world(model: str, utility_adapter: str | None, safety_adapter: str | None) -> bool:
+    """A package-built world (:data:`sstmerge.worlds.WORLDS`) given without adapters; ``tiny`` trains its
+    own, so adapters given with it are an error."""
+    from .worlds import WORLDS
+
+    if model == "tiny" and (utility_adapter or safety_adapter):
+        raise InputError("the tiny world trains its own adapters; --utility/--safety-adapter need another --model")
+    return model in WORLDS and not (utility_adapter or safety_adapter)
+
+
+def _world_module(name: str):
+    from .worlds import module
+
+    return module(name)
 
 
 def _hash(obj) -> str:
@@ -232,15 +261,13 @@ def prepare(cfg: Config, log) -> Prepared:
     from . import eval as ev
     from .data.files import read_rows
 
-    if cfg.model == "tiny":
-        from .tiny import ensure_tiny_world
-
-        if cfg.utility_adapter or cfg.safety_adapter:
-            raise InputError("the tiny world trains its own adapters; --utility/--safety-adapter need --model")
-        w = ensure_tiny_world(quick=cfg.quick, progress=True)
+    if is_world(cfg.model, cfg.utility_adapter, cfg.safety_adapter):
+        w = _world_module(cfg.model).ensure(quick=cfg.quick, progress=True)
         base, utility, safety = str(w.base_model), str(w.utility_adapter), str(w.safety_adapter)
-        files = {"harmful": w.harmful_test, "benign": w.benign_test, "mmlu": w.mmlu_test,
-                 "mmlu_dev": w.mmlu_dev, "safety": w.safety_fisher, "utility": w.utility_fisher}
+        files = {"harmful": cfg.harmful_data or w.split(f"harmful_{cfg.split}"),
+                 "benign": cfg.benign_data or w.split(f"benign_{cfg.split}"),
+                 "mmlu": cfg.mmlu_data or w.split(f"mmlu_{cfg.split}"), "mmlu_dev": w.mmlu_fewshot,
+                 "safety": cfg.safety_data or w.safety_fisher, "utility": cfg.utility_data or w.utility_fisher}
     else:
         from .data import registry
 
@@ -481,7 +508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plan:  # arithmetic only (sstmerge.plan, docs/models.md): before prepare, no weights
         from .plan import print_plan
         return print_plan(cfg)
-    out = Path(args.out or f"runs/exp1-{Path(cfg.model).name}{'-quick' if cfg.quick else ''}")
+    suffix = ("-quick" if cfg.quick else "") + ("-dev" if cfg.split == "dev" else "")
+    out = Path(args.out or f"runs/exp1-{Path(cfg.model).name}{suffix}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a directory; give a directory (it is created if missing)")
     t0 = time.perf_counter()
     results = run(cfg, out, stop_after=args.stop_after)
     if results is None:

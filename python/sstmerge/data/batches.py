@@ -186,19 +186,16 @@ def row_kind(row: Mapping) -> str:
 
 
 def encode_rows(tokenizer, rows: Sequence[Mapping], max_length: int = 512) -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` of rows that are all chat or all MMLU (tokenised once, for reuse)."""
+    """``(input_ids, labels)`` of chat and/or MMLU rows, each by its own kind (tokenised once, for reuse).
+
+    A task SFT set may mix both (the tiny world's utility data: quizzes and chats of technical help)."""
     if not rows:
         raise InputError("no training rows")
-    kinds = {row_kind(r) for r in rows}
-    if len(kinds) != 1:
-        raise InputError("training rows mix chat and MMLU rows; give one kind per adapter")
     out = []
     for i, row in enumerate(rows):
-        if kinds == {"chat"}:
-            ids, lab = encode_chat(tokenizer, row["messages"])
-        else:
-            ids, lab = encode_mmlu(tokenizer, row)
-        out.append(_truncate(ids, lab, max_length, f"{next(iter(kinds))} row {i}"))
+        kind = row_kind(row)
+        ids, lab = encode_chat(tokenizer, row["messages"]) if kind == "chat" else encode_mmlu(tokenizer, row)
+        out.append(_truncate(ids, lab, max_length, f"{kind} row {i}"))
     return out
 
 
@@ -210,5 +207,5 @@ def batch_encoded(tokenizer, encoded: Sequence[tuple[list[int], list[int]]], bat
 
 def training_batches(tokenizer, rows: Sequence[Mapping], batch_size: int, max_length: int = 512, *,
                      shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of rows that are all chat or all MMLU."""
+    """Batches of chat and/or MMLU rows (see :func:`encode_rows`)."""
     return batch_encoded(tokenizer, encode_rows(tokenizer, rows, max_length), batch_size, shuffle=shuffle, seed=seed)

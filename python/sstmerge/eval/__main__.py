@@ -109,6 +109,8 @@ def load_model_and_adapter(model_name: str, adapter: str | None, *, dtype=None, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sstmerge.worlds import resolve_model  # noqa: PLC0415 - a world name ("tiny") -> its base model dir
+
     a = build_parser().parse_args(argv)
     _check_args(a)
     items = load_items(a.task, a.data)
@@ -121,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         judge = load_judge(a.judge)  # a bad judge fails before the model loads
     device = _init_distributed()
+    a.model = resolve_model(a.model)
     if a.task == "mmlu":
         from sstmerge.eval.mmlu import fewshot_examples  # noqa: PLC0415
 

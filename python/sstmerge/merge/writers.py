@@ -31,8 +31,9 @@ def resolve_model_dir(base: str) -> Path:
     if p.is_dir():
         return p
     from ..models import resolve_model_dir as _resolve
+    from ..worlds import resolve_model
 
-    return Path(_resolve(base))
+    return Path(_resolve(resolve_model(base)))
 
 
 class ModelFiles:

@@ -40,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"--data {args.data}: neither a registry dataset ({', '.join(registry.DATASETS)}) nor a file")
         first = registry.read_rows(path)[0]
         rows = registry.load_chat(path) if "messages" in first else registry.load_mmlu(path)
-    out = train_lora(args.model, rows, args.out, r=args.r, alpha=args.alpha,
+    from ..worlds import resolve_model  # a front end: a world name ("tiny") -> its base model dir
+
+    out = train_lora(resolve_model(args.model), rows, args.out, r=args.r, alpha=args.alpha,
                      target_modules=[t for t in args.target_modules.split(",") if t], steps=args.steps,
                      lr=args.lr, seed=args.seed, batch_size=args.batch_size, max_length=args.max_length)
     print(out)
