@@ -32,7 +32,7 @@ UTILITY = _rows([("how do I bake a cake", "sure here is a recipe mix flour eggs"
 def chat_world(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sstmerge.tiny import CHAT_TEMPLATE, build_tokenizer
+    from sstmerge.worlds.tiny import CHAT_TEMPLATE, build_tokenizer
 
     root = tmp_path_factory.mktemp("chat_world")
     tok = build_tokenizer([CHAT_TEMPLATE.replace("{", " ").replace("}", " "), WORDS, "Question: Answer:"])
@@ -52,7 +52,8 @@ def chat_world(tmp_path_factory):
 def test_fisher_inputs_compute_cache_and_feed_every_method(chat_world):
     root, base, u, s = chat_world
     pairs = needs(list(METHODS), {"sst": {"curvature": "exact"}})
-    assert pairs == sorted({(r, k) for r in ("utility", "safety") for k in ("diag", "kfac", "subspace")})
+    # fisher_avg pools the diagonal into tiles (diag_pool), RegMean needs kfac, SST exact the subspace
+    assert pairs == sorted({(r, k) for r in ("utility", "safety") for k in ("diag_pool", "kfac", "subspace")})
     cache = root / "fcache"
     fi = fisher_inputs(list(METHODS), str(base), u, s, safety_rows=SAFETY, utility_rows=UTILITY, cache_dir=cache,
                        backend="torch", options={"sst": {"curvature": "exact"}})
@@ -64,8 +65,8 @@ def test_fisher_inputs_compute_cache_and_feed_every_method(chat_world):
     assert again.key == fi.key
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == stamps  # loaded, not recomputed
     U = ad.load_adapter(u)
-    for m in METHODS:
-        res = merge(m, base, u, s, alpha=1.0, fisher=fi, backend="torch")
+    for m in METHODS:  # each with the options the Fisher was computed for
+        res = merge(m, base, u, s, alpha=1.0, fisher=fi, backend="torch", **({"curvature": "exact"} if m == "sst" else {}))
         assert set(res.layers) == set(U.layers)
     for curvature in ("exact", "kfac", "input"):
         for rule in ("soft", "hard"):
@@ -88,7 +89,8 @@ def test_cli_estimates_the_fisher_from_data(chat_world, tmp_path, capsys):
                            "--fisher-cache", str(tmp_path / "fc"), "--backend", "torch", "--no-progress", "--dense"])
     assert code == 0, capsys.readouterr().err
     assert (out / "diagnostics.json").exists() and (out / "fused" / "tokenizer.json").exists()
-    assert sorted(p.name for p in (tmp_path / "fc").glob("*.safetensors")) == ["safety.diag.safetensors", "utility.diag.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "fc").glob("*.safetensors")) == ["safety.diag_sub.safetensors",
+                                                                               "utility.diag_sub.safetensors"]
     capsys.readouterr()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [}\n')
@@ -116,8 +118,8 @@ def test_cli_true_fisher_labels(chat_world, tmp_path, capsys):
         extra = ["--fisher-labels", "true", "--fisher-samples", "2"] if labels == "true" else []
         code = cli_main(main, common + ["--out", str(tmp_path / f"o-{labels}"), "--fisher-cache", str(fc[labels])] + extra)
         assert code == 0, capsys.readouterr().err
-    emp = FisherResult.load(fc["empirical"] / "safety.diag.safetensors")
-    tru = FisherResult.load(fc["true"] / "safety.diag.safetensors")
+    emp = FisherResult.load(fc["empirical"] / "safety.diag_pool.safetensors")
+    tru = FisherResult.load(fc["true"] / "safety.diag_pool.safetensors")
     assert json.loads(tru.meta["options"])["fisher"] == "true" and json.loads(tru.meta["options"])["samples"] == 2
     assert json.loads(emp.meta["options"])["fisher"] == "empirical"
     assert tru.meta["sstmerge.merge.key"] != emp.meta["sstmerge.merge.key"]
