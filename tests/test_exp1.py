@@ -88,6 +88,34 @@ def test_baseline_is_measured_from_records(quick_run):
         assert stats.proportion([int(r[field]) for r in rows]) == res["baseline"][part]
 
 
+def _records(out, key):
+    field = {"safety": "refused", "over_refusal": "refused", "utility": "correct"}
+    return {part: [int(json.loads(line)[f]) for line in (out / "eval" / key / f"{part}.jsonl").read_text().splitlines()]
+            for part, f in field.items()}
+
+
+def test_tax_and_verdicts_recomputed_from_the_per_item_records(quick_run):
+    """The Safety Tax of every point and every SST-vs-baseline verdict follow from the JSONL records alone."""
+    out = quick_run["out"]
+    res = json.loads((out / "results.json").read_text())
+    cfg = res["provenance"]["config"]
+    kw = dict(n_boot=cfg["n_boot"], seed=cfg["seed"])
+    base = _records(out, "ref_utility")
+    for r in res["methods"]:
+        m = _records(out, f"{r['method']}_a{r['alpha']:g}")
+        assert stats.safety_tax(base["safety"], m["safety"], base["utility"], m["utility"], **kw) == r["safety_tax"]
+    comps = [{"a": v["a"], "b": v["b"],
+              "diff": stats.compare(_records(out, f"sst_a{v['a']['alpha']:g}"),
+                                    _records(out, f"{v['b']['method']}_a{v['b']['alpha']:g}"), **kw)}
+             for v in res["verdicts"]]
+    assert len(comps) == len(cfg["alphas"]) ** 2 * (len(cfg["methods"]) - 1)
+    assert json.loads(json.dumps(stats.dominance(comps))) == res["verdicts"]
+    report = (out / "report.md").read_text()
+    for v in res["verdicts"]:
+        if v["verdict"] == "b":
+            assert f"{v['b']['method']} α={v['b']['alpha']:g}" in report
+
+
 def test_reevaluating_the_baseline_reproduces_its_records(quick_run):
     from peft import PeftModel
 

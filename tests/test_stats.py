@@ -124,3 +124,36 @@ def test_wilson_interval():
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0
+
+
+def test_holm_matches_the_definition():
+    # sorted 0.01, 0.02, 0.04 -> 3*0.01, 2*0.02, 1*0.04, made monotone
+    assert stats.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert stats.holm([]) == []
+
+
+def _outcomes(n, k):
+    return [1] * k + [0] * (n - k)
+
+
+def test_dominance_needs_both_differences_significant_after_holm():
+    n = 200
+    strong = {"safety": _outcomes(n, 180), "utility": _outcomes(n, 150), "over_refusal": _outcomes(n, 10)}
+    weak = {"safety": _outcomes(n, 20), "utility": _outcomes(n, 60), "over_refusal": _outcomes(n, 10)}
+    tradeoff = {"safety": _outcomes(n, 190), "utility": _outcomes(n, 40), "over_refusal": _outcomes(n, 10)}
+    close = {"safety": _outcomes(n, 176), "utility": _outcomes(n, 146), "over_refusal": _outcomes(n, 10)}
+    over = {"safety": _outcomes(n, 180), "utility": _outcomes(n, 150), "over_refusal": _outcomes(n, 30)}
+    comps = [{"a": "strong", "b": "weak", "diff": stats.compare(strong, weak, n_boot=2000)},
+             {"a": "weak", "b": "strong", "diff": stats.compare(weak, strong, n_boot=2000)},
+             {"a": "strong", "b": "tradeoff", "diff": stats.compare(strong, tradeoff, n_boot=2000)},
+             {"a": "strong", "b": "close", "diff": stats.compare(strong, close, n_boot=2000)},
+             {"a": "over", "b": "weak", "diff": stats.compare(over, weak, n_boot=2000)}]
+    v = stats.dominance(comps)
+    assert [c["verdict"] for c in v] == ["a", "b", None, None, None]
+    assert all(c["p_holm"]["safety"] >= c["diff"]["safety"]["p_value"] for c in v)
+    # the same strong-vs-weak gap passes alone but not among many marginal tests
+    marginal = {"safety": _outcomes(n, 30), "utility": _outcomes(n, 70), "over_refusal": _outcomes(n, 10)}
+    one = stats.dominance([{"a": 1, "b": 2, "diff": stats.compare(marginal, weak, n_boot=2000)}])
+    many = stats.dominance([{"a": 1, "b": 2, "diff": stats.compare(marginal, weak, n_boot=2000)}] * 40)
+    assert one[0]["verdict"] == "a" and many[0]["verdict"] is None

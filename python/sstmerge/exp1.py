@@ -407,8 +407,25 @@ def statistics(cfg: Config, prep: Prepared, evals: dict, baseline_key: str, diag
                 "safety_tax": stats.safety_tax(base["safety"], m["safety"], base["utility"], m["utility"], **kw),
                 "diagnostics": diagnostics.get(key, {}),
             })
+    # Holm across the grid: every method x alpha point's safety-gain and utility-loss test is one family
+    family = [(r, q) for r in rows for q in ("safety_gain", "utility_loss")]
+    for (r, q), p in zip(family, stats.holm([r[q]["p_value"] for r, q in family])):
+        r[q]["p_holm"] = p
     refs = {name: summary(outcomes(key)) for name, key in REFERENCES.items() if key in evals}
-    return {"baseline": summary(base), "methods": rows, "references": refs}
+    return {"baseline": summary(base), "methods": rows, "references": refs,
+            "verdicts": verdicts(cfg, outcomes)}
+
+
+def verdicts(cfg: Config, outcomes) -> list[dict]:
+    """Every SST point against every baseline point, paired on the same items (stats.dominance: both
+    refusal and utility differences significant after Holm across all these comparisons, over-refusal
+    not higher)."""
+    kw = dict(n_boot=cfg.n_boot, seed=cfg.seed)
+    sst = [(a, outcomes(_point_key("sst", a))) for a in cfg.alphas]
+    others = [(m, a, outcomes(_point_key(m, a))) for m in cfg.methods if m != "sst" for a in cfg.alphas]
+    comps = [{"a": {"method": "sst", "alpha": sa}, "b": {"method": m, "alpha": a}, "diff": stats.compare(so, o, **kw)}
+             for sa, so in sst for m, a, o in others]
+    return stats.dominance(comps)
 
 
 REFERENCES = {"base": "ref_base", "baseline (base + utility)": "ref_utility", "safety adapter": "ref_safety"}
