@@ -39,7 +39,8 @@ def smol(tmp_path_factory):
 
 @needs_smol
 def test_conversion_is_cached_and_verified(smol):
-    from sstmerge.gguf_convert import _valid, ensure_checkpoint
+    from sstmerge.gguf_convert import ensure_checkpoint
+    from sstmerge.io import valid as _valid
 
     root, cache = smol
     card = json.loads((root / "conversion.json").read_text())

