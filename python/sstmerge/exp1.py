@@ -7,8 +7,8 @@
 Stages (each caches its output in --out; an interrupted run resumes where it stopped):
 
   prepare   the base model, the utility adapter U and the safety adapter S (the tiny world is built
-            and cached by sstmerge.worlds); the
-            evaluation items (the world's test split, or --split dev for tuning), the same for every model.
+            and cached by sstmerge.worlds); the evaluation items (a world's test split, or --split dev
+            for tuning), the same for every model.
   fisher    the Fisher statistics the methods need (sstmerge.merge.fisher_inputs -> sstmerge.fisher).
   merge     every method over its α sweep, each written as a peft adapter with its diagnostics.
   evaluate  the baseline (base + U; or the base alone with --baseline base), the reference models and
@@ -23,6 +23,7 @@ results file is written (the research note this project grew from fell back sile
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import platform
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__, io, stats
+from . import __version__, io, stats, worlds
 from .errors import CliParser, InputError, cli_main
 
 STAGES = ("prepare", "fisher", "merge", "evaluate", "stats", "report")
@@ -129,7 +130,7 @@ def _config(args: argparse.Namespace) -> Config:
     if args.split != "test" and not world:
         raise InputError(f"--split selects a world's items; for --model {args.model} pass the items to evaluate as "
                          "--harmful-data/--benign-data/--mmlu-data")
-    defaults = _world_module(args.model).EVAL_DEFAULTS if world else {"max_new_tokens": 16, "batch_size": 32}
+    defaults = worlds.module(args.model).EVAL_DEFAULTS if world else {"max_new_tokens": 16, "batch_size": 32}
     cfg = Config(
         model=args.model, utility_adapter=args.utility_adapter, safety_adapter=args.safety_adapter,
         methods=methods, alphas=sorted(set(alphas)), harmful_n=args.harmful_n, benign_n=args.benign_n,
@@ -152,17 +153,9 @@ def _config(args: argparse.Namespace) -> Config:
 def is_world(model: str, utility_adapter: str | None, safety_adapter: str | None) -> bool:
     """A package-built world (:data:`sstmerge.worlds.WORLDS`) given without adapters; ``tiny`` trains its
     own, so adapters given with it are an error."""
-    from .worlds import WORLDS
-
     if model == "tiny" and (utility_adapter or safety_adapter):
         raise InputError("the tiny world trains its own adapters; --utility/--safety-adapter need another --model")
-    return model in WORLDS and not (utility_adapter or safety_adapter)
-
-
-def _world_module(name: str):
-    from .worlds import module
-
-    return module(name)
+    return model in worlds.WORLDS and not (utility_adapter or safety_adapter)
 
 
 def _hash(obj) -> str:
@@ -262,7 +255,7 @@ def prepare(cfg: Config, log) -> Prepared:
     from .data.files import read_rows
 
     if is_world(cfg.model, cfg.utility_adapter, cfg.safety_adapter):
-        w = _world_module(cfg.model).ensure(quick=cfg.quick, progress=True)
+        w = worlds.module(cfg.model).ensure(quick=cfg.quick, progress=True)
         base, utility, safety = str(w.base_model), str(w.utility_adapter), str(w.safety_adapter)
         files = {"harmful": cfg.harmful_data or w.split(f"harmful_{cfg.split}"),
                  "benign": cfg.benign_data or w.split(f"benign_{cfg.split}"),
@@ -385,6 +378,7 @@ def statistics(cfg: Config, prep: Prepared, evals: dict, baseline_key: str, diag
            "utility": [r["id"] for r in prep.mmlu]}
     field_of = {"safety": "refused", "over_refusal": "refused", "utility": "correct"}
 
+    @functools.cache  # the rows and the verdicts read each model's records once
     def outcomes(key):
         return {p: _outcomes(evals[key][p], field_of[p], ids[p]) for p in ids}
 

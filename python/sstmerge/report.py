@@ -32,7 +32,6 @@ def sst_standing(results: dict) -> list[str]:
     """Plain statements of where SST-Merge's points stand against the baselines' points."""
     rows = results["methods"]
     sst = [r for r in rows if r["method"] == "sst"]
-    others = [r for r in rows if r["method"] != "sst"]
     lines = []
     name = lambda p: f"{p['method']} α={p['alpha']:g}"  # noqa: E731
     for s in sst:
@@ -60,7 +59,7 @@ def sst_standing(results: dict) -> list[str]:
         ranked = sorted(best.values(), key=lambda r: r["safety_tax"]["value"])
         lines.append(
             "- Lowest defined Safety Tax per method (utility points lost per refusal point gained): "
-            + "; ".join(f"{r['method']} α={r['alpha']:g}: {_tax(r['safety_tax'])}" for r in ranked)
+            + "; ".join(f"{name(r)}: {_tax(r['safety_tax'])}" for r in ranked)
             + ". Each is the minimum over the α grid on these same items, so it is optimistic (a winner's "
             "curse): choose α on dev items (--split dev) and report it here. Overlapping intervals mean the "
             "ranking is not established."

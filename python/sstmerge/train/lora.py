@@ -39,7 +39,8 @@ def train_lora(model_or_path, rows: Sequence[Mapping], out_dir: str | os.PathLik
     tokens count) and/or MMLU rows (the harness prompt; only the answer letter counts).
     loss_weighting: ``"token"`` (transformers' mean over tokens) or ``"row"`` (every row weighs the
     same; :func:`sstmerge.train.loop.run_steps`). save_dtype: cast the LoRA weights to this dtype in the
-    saved adapter (e.g. fp32 from an fp64 training run); default: as trained. Seeded: adapter initialisation and batch order follow ``seed``. Returns ``Path(out_dir)``.
+    saved adapter (e.g. fp32 from an fp64 training run); default: as trained.
+    Seeded: adapter initialisation and batch order follow ``seed``. Returns ``Path(out_dir)``.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -94,7 +95,8 @@ def train_lora(model_or_path, rows: Sequence[Mapping], out_dir: str | os.PathLik
             write_json(tmp / "train_log.json", {
                 "r": r, "alpha": alpha, "target_modules": list(target_modules), "steps": steps, "lr": lr,
                 "seed": seed, "batch_size": batch_size, "max_length": max_length, "dropout": dropout,
-                "weight_decay": weight_decay, "loss_weighting": loss_weighting, "rows": len(rows), "seconds": round(time.perf_counter() - t0, 2),
+                "weight_decay": weight_decay, "loss_weighting": loss_weighting, "rows": len(rows),
+                "seconds": round(time.perf_counter() - t0, 2),
                 "loss_first10": sum(losses[:10]) / len(losses[:10]), "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                 "losses": [round(x, 5) for x in losses]})
     finally:
