@@ -10,6 +10,7 @@ keywords; letter log-likelihood after the lm-evaluation-harness prompt), not sst
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -253,6 +254,17 @@ def test_build_time_and_cache(built):
     assert card["timings"]["cpu_s"] <= 180, card["timings"]
     assert second < 10
     assert 0.3e6 < card["params"] < 2e6
+
+
+def test_world_was_built_under_pinned_numerics(built):
+    """The build ran in a child process on the AVX2 / MKL-CBWR path with one thread (worlds.pinned), so
+    this machine built the bits every other x86-64 machine builds, whatever this process runs on."""
+    from sstmerge.worlds.pinned import PINNED_ENV, is_pinned
+
+    n = json.loads(built[0].card.read_text())["numerics"]
+    assert n["pinned"] and n["cpu_capability"] == "AVX2" and n["threads"] == 1, n
+    assert {k: n[k] for k in PINNED_ENV} == PINNED_ENV
+    assert not is_pinned() or os.environ.get("ATEN_CPU_CAPABILITY") == "avx2"
 
 
 def test_artifacts_are_real_and_consistent(built):

@@ -86,3 +86,18 @@ def cached_build(cache_dir: str | os.PathLike | None, dirname: str, build: Calla
     """``<cache_dir>/<dirname>``, built first by ``build(tmp)`` unless a valid copy exists; the card
     ``build`` returns is ``world.json`` (:func:`sstmerge.io.cached_dir`)."""
     return cached_dir(cache_dir, dirname, build, card="world.json", progress=progress, what=what, expect=expect)
+
+
+def base_letters(base_dir: Path, quizzes: list[dict]) -> tuple[list[dict], float]:
+    """``quizzes`` (MMLU rows) relabelled with the base model's own answer (the argmax of the letters'
+    log-likelihoods, as MMLU is scored), and the share whose letter was already the true one. A safety
+    adapter trained on these keeps the base's MMLU behaviour instead of learning the task."""
+    from .. import eval as ev
+    from ..models import load_model
+
+    if not quizzes:
+        return [], float("nan")
+    model, tok = load_model(base_dir, device="cpu")
+    preds = ev.evaluate_mmlu(model, tok, quizzes, batch_size=64)
+    agree = sum(int(p["pred"]) == int(q["answer"]) for p, q in zip(preds, quizzes)) / len(quizzes)
+    return [{**q, "answer": int(p["pred"])} for p, q in zip(preds, quizzes)], round(agree, 4)

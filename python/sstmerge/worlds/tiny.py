@@ -16,7 +16,8 @@
 Everything is seeded; the directory name is a hash of the configuration, the recipe number and the
 package version, so a changed recipe builds a new world. The build writes into a temporary directory
 renamed into place when complete, and a manifest of file hashes is checked on reuse (a corrupt entry
-is rebuilt). ``python -m sstmerge.worlds reference tiny`` measures the reference table; docs/merge.md
+is rebuilt). The build runs in a child process with pinned numerics (:mod:`sstmerge.worlds.pinned`), so
+every x86-64 CPU builds the same world. ``python -m sstmerge.worlds reference tiny`` measures the reference table; docs/merge.md
 gives it under several CPU settings and seeds.
 
 ``quick=True`` returns the same world: a second, smaller world would make every fresh test run build
@@ -36,11 +37,12 @@ import torch
 from .. import __version__
 from ..data import world as W
 from ..io import write_jsonl
-from .base import SPLITS, World, cached_build, config_key
+from . import pinned
+from .base import SPLITS, World, base_letters, cached_build, config_key, default_cache_dir, valid
 
 NAME = "tiny"
 #: Bump when the build recipe changes in a way the config does not capture.
-RECIPE = 4
+RECIPE = 5  # 5: built under pinned numerics (recipe 4's data and training)
 #: exp1's evaluation settings for this world (a reply opens with its decision: 16 tokens show it).
 EVAL_DEFAULTS = {"max_new_tokens": 16, "batch_size": 32}
 
@@ -81,9 +83,10 @@ class Config:
     safety_steps: int = 300
     safety_lr: float = 5e-3
     adapter_batch: int = 16
-    #: Training runs in fp64 (saved as fp32): the world must not depend on which CPU built it. In fp32 a
-    #: different kernel's summation order (AVX-512 vs AVX2, MKL vs oneDNN) moved the utility gain from
-    #: +41 to +16 points; fp64 shrinks that seed of divergence by ~9 orders of magnitude.
+    #: Training dtype (the saved model is fp32). fp64 alone does not make the world CPU-independent: fp64
+    #: builds on one Zen 4 with ATEN_CPU_CAPABILITY avx512 vs avx2 differed by 42 points of task-arithmetic
+    #: refusal (training amplifies any round-off); the pinned build (worlds.pinned) does, in fp32, at half
+    #: fp64's cost.
     train_dtype: str = "float32"
     #: Every training row weighs the same (see sstmerge.train.loop): a quiz's one answer letter is not
     #: outweighed by the 20-token replies of the chats it is mixed with.
@@ -186,21 +189,13 @@ def build_base(cfg: Config, world: dict, out: Path, progress: bool) -> dict:
 
 
 def label_retain_with_base(world: dict, base_dir: Path) -> float:
-    """Give ``safety_train``'s retain quizzes (``"retain": True``) the base model's own answer letter
-    (the argmax of the letters' log-likelihoods, as MMLU is scored), in place. Returns the share whose
-    letter was already the true one."""
-    from .. import eval as ev
-    from ..models import load_model
-
+    """Give ``safety_train``'s retain quizzes (``"retain": True``) the base model's own answer letter, in
+    place (:func:`sstmerge.worlds.base.base_letters`). Returns the share already right."""
     rows = [r for r in world["safety_train"] if r.get("retain")]
-    if not rows:
-        return float("nan")
-    model, tok = load_model(base_dir, device="cpu")
-    preds = ev.evaluate_mmlu(model, tok, rows, batch_size=64)
-    agree = sum(int(p["pred"]) == int(r["answer"]) for p, r in zip(preds, rows)) / len(rows)
-    for p, r in zip(preds, rows):
-        r["answer"] = int(p["pred"])
-    return round(agree, 4)
+    relabelled, agree = base_letters(base_dir, rows)
+    for r, q in zip(rows, relabelled):
+        r["answer"] = q["answer"]
+    return agree
 
 
 def build_adapters(cfg: Config, world: dict, base_dir: Path, root: Path, progress: bool) -> dict:
@@ -250,9 +245,13 @@ def ensure(cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
         finally:
             torch.set_num_threads(threads)
         return {"config": dataclasses.asdict(cfg), "key": config_key(cfg, RECIPE, __version__),
-                "version": __version__, "recipe": RECIPE, "torch": torch.__version__, **info}
+                "version": __version__, "recipe": RECIPE, "torch": torch.__version__,
+                "numerics": pinned.numerics(), **info}
 
-    root = cached_build(cache_dir, _dirname(cfg), build, progress=progress, what="tiny world",
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if not pinned.is_pinned() and not valid(cache / _dirname(cfg)):
+        pinned.build(NAME, cache, cfg, progress=progress)  # the same bits on every CPU (worlds.pinned)
+    root = cached_build(cache, _dirname(cfg), build, progress=progress, what="tiny world",
                         expect="about 2 minutes on 2 cores")
     return World.at(NAME, root)
 
