@@ -29,14 +29,6 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch):
     assert "\n" not in str(e.value)
 
 
-@pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    from sstmerge.gguf_convert import ensure_checkpoint
-
-    cache = tmp_path_factory.mktemp("smolcache")
-    return ensure_checkpoint(cache, progress=False), cache
-
-
 @needs_smol
 def test_conversion_is_cached_and_verified(smol):
     from sstmerge.gguf_convert import ensure_checkpoint

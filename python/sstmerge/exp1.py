@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                                           "replaces a world's own")
     p.add_argument("--split", choices=("test", "dev"), default="test",
                    help="a world's items to evaluate: test (reports) or dev (tuning; disjoint templates)")
-    p.add_argument("--quick", action="store_true", help="the tiny world, small: for tests (< 60 s)")
+    p.add_argument("--quick", action="store_true", help="a world, small (fewer items and α; the world's QUICK): tiny < 60 s, smollm2-135m < 5 min")
     p.add_argument("--out", help="run directory (default runs/exp1-<model>[-quick])")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default: the world's, else 32)")
@@ -117,16 +117,17 @@ def _config(args: argparse.Namespace) -> Config:
     from .merge import DEFAULT_ALPHAS, QUICK_ALPHAS
 
     methods = list(dict.fromkeys(["sst", *args.methods]))
-    alphas = args.alphas or list(QUICK_ALPHAS if args.quick else DEFAULT_ALPHAS)
+    world = is_world(args.model, args.utility_adapter, args.safety_adapter)
+    if args.quick and not world:
+        raise InputError(f"--quick runs a package world ({', '.join(worlds.WORLDS)}); drop --quick or the adapters")
+    quick = getattr(worlds.module(args.model), "QUICK", {}) if args.quick else {}
+    alphas = args.alphas or list(quick.get("alphas", QUICK_ALPHAS) if args.quick else DEFAULT_ALPHAS)
     if any(not (0.0 <= a <= 4.0) for a in alphas):
         raise InputError(f"--alphas must lie in [0, 4], got {alphas}")
     for name in ("harmful_n", "benign_n", "mmlu_n", "batch_size", "max_new_tokens"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    world = is_world(args.model, args.utility_adapter, args.safety_adapter)
-    if args.quick and not world:
-        raise InputError("--quick runs the tiny world; drop --model or --quick")
     if args.split != "test" and not world:
         raise InputError(f"--split selects a world's items; for --model {args.model} pass the items to evaluate as "
                          "--harmful-data/--benign-data/--mmlu-data")
@@ -141,9 +142,9 @@ def _config(args: argparse.Namespace) -> Config:
         safety_data=args.safety_data, utility_data=args.utility_data, backend=args.backend,
     )
     if cfg.quick:
-        cfg.harmful_n = cfg.harmful_n or 48
-        cfg.benign_n = cfg.benign_n or 32
-        cfg.mmlu_n = cfg.mmlu_n or 96
+        cfg.harmful_n = cfg.harmful_n or quick.get("harmful_n", 48)
+        cfg.benign_n = cfg.benign_n or quick.get("benign_n", 32)
+        cfg.mmlu_n = cfg.mmlu_n or quick.get("mmlu_n", 96)
     return cfg
 
 

@@ -9,11 +9,10 @@ progress=True, config=None) -> World``; ``base_model_dir(cache_dir=None) -> Path
 without building the adapters where the base is not built by the world); ``EVAL_DEFAULTS`` (exp1's
 evaluation settings that suit the model, e.g. ``max_new_tokens``); a reference table in ``world.json``:
 
-* ``tiny`` (:mod:`sstmerge.worlds.tiny`): a 4-layer Llama built from nothing in about two minutes.
-
-:mod:`sstmerge.worlds.smol_data` holds the data of a SmolLM2-135M-Instruct world still to be built (issue
-12); until its builder exists, ``smollm2-135m`` is a registry model (converted from the ``smol`` extra's
-GGUF) that takes adapters given by the user.
+* ``tiny`` (:mod:`sstmerge.worlds.tiny`): a 4-layer Llama built from nothing in about two minutes;
+* ``smollm2-135m`` (:mod:`sstmerge.worlds.smol`): SmolLM2-135M-Instruct (the ``smol`` extra's GGUF) with
+  adapters trained here on :mod:`sstmerge.worlds.smol_data`'s data. Given with ``--utility-adapter`` and
+  ``--safety-adapter``, ``smollm2-135m`` is the registry model instead, with the user's adapters.
 
 This layer sits after ``train`` and ``models`` (it uses both); ``models`` never imports it, so the model
 registry resolves names without the builders' training code. Command-line front ends call
@@ -29,7 +28,7 @@ from ..errors import InputError
 from .base import SPLITS, World, default_cache_dir
 
 #: World name -> module (imported lazily: building a world imports training code).
-WORLDS = {"tiny": "sstmerge.worlds.tiny"}
+WORLDS = {"tiny": "sstmerge.worlds.tiny", "smollm2-135m": "sstmerge.worlds.smol"}
 
 __all__ = ["WORLDS", "SPLITS", "World", "default_cache_dir", "ensure", "module", "resolve_model"]
 

@@ -75,8 +75,9 @@ class World:
 
 
 def config_key(config, recipe: int, version: str) -> str:
-    """Hash of a world's config (a dataclass), its recipe number and the package version."""
-    blob = json.dumps({"config": dataclasses.asdict(config), "recipe": recipe, "version": version},
+    """Hash of a world's config (a dataclass or a dict), its recipe number and the package version."""
+    fields = config if isinstance(config, dict) else dataclasses.asdict(config)
+    blob = json.dumps({"config": fields, "recipe": recipe, "version": version},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -1,0 +1,247 @@
+"""The SmolLM2 world: SmolLM2-135M-Instruct with a utility and a safety LoRA adapter trained here.
+
+:func:`ensure` builds (first call) or reuses (later calls) a directory holding
+
+* the base model: SmolLM2-135M-Instruct converted once from the ``smol`` extra's GGUF
+  (:mod:`sstmerge.gguf_convert`, its own cache entry, keyed by the GGUF's hash; the world's key holds
+  that hash too, so a different GGUF builds a different world);
+* ``utility_adapter/``: LoRA on all attention and MLP projections, trained on the Veltran taxonomy
+  quiz (:mod:`sstmerge.worlds.smol_data`), an MMLU-format task the base cannot do;
+* ``safety_adapter/``: the same LoRA shape, trained to refuse harmful requests written as users write
+  them, and to give the **base model's own greedy answers** to benign look-alikes and everyday
+  requests and the base's own letters on retain quizzes, so it changes refusals and little else;
+* ``data/<split>.jsonl``: every split of :data:`sstmerge.worlds.base.SPLITS`. Test and dev items use
+  other things / tasks **and** other templates than training (and than each other).
+
+The build is resumable: each stage (the base's answers, each adapter) is kept in
+``<cache>/smol.stages/`` as soon as it is done (keyed by the settings it depends on), so an interrupted build resumes at the stage it
+was in; a stage is removed once a world that used it is complete.
+
+``python -m sstmerge.worlds reference smollm2-135m`` measures the reference table (base, +U, +S, task
+arithmetic) on the held-out items; docs/models.md gives it with the CPU it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..io import atomic_dir, default_cache_dir, write_json, write_jsonl
+from ..train.lora import DEFAULT_TARGET_MODULES
+from . import smol_data as D
+from .base import SPLITS, World, base_letters, cached_build, config_key
+
+NAME = "smollm2-135m"
+#: Bump when the build recipe changes in a way the config does not capture.
+RECIPE = 1
+#: exp1's evaluation settings: a chat model's answer may open with a preamble ("Sure! Here is...",
+#: "I understand you're asking..."), so refusal detection reads 32 new tokens, twice the tiny world's 16
+#: (a refusal's keywords come within its first dozen tokens; one decode step of a batch of 32 takes ~0.1 s).
+EVAL_DEFAULTS = {"max_new_tokens": 32, "batch_size": 32}
+#: exp1 --quick on this world: one α and fewer items (every method still runs), a few minutes on 2 cores.
+QUICK = {"harmful_n": 24, "benign_n": 16, "mmlu_n": 48, "alphas": (1.0,)}
+#: Limits on the base model itself (issue 12): it cannot do the task, and it rarely refuses.
+BASE_LIMITS = {"mmlu": 0.35, "refusal": 0.20}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that determines the SmolLM2 world besides the GGUF (its hash is added to the key)."""
+
+    seed: int = 0
+    lora_r: int = 8
+    lora_alpha: float = 16
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    batch_size: int = 8
+    utility_steps: int = 100
+    utility_lr: float = 2e-3
+    safety_steps: int = 100
+    safety_lr: float = 1e-3
+    #: New tokens of the base's own answers to benign requests (cut back to the last full sentence).
+    answer_tokens: int = 48
+    #: Each benign / everyday answered row appears this many times in the safety data (refusals once).
+    benign_repeat: int = 2
+    #: Training quizzes the safety adapter learns with the base's own letters (keeps its MMLU behaviour).
+    retain_quizzes: int = 64
+    #: Rows of each side's Fisher data (drawn from its training rows).
+    fisher_rows: int = 64
+
+
+def generate_data(cfg: Config) -> dict[str, list[dict]]:
+    """Every split but the base-dependent rows (the answered and retain rows of ``safety_train``)."""
+    rng = random.Random(cfg.seed)
+    quiz_train = D.ids("quiz-train", D.quiz_items("train"))
+    harmful_train = D.ids("harmful-train", D.harmful_items("train"))
+    benign_train = D.ids("benign-train", D.benign_items("train"))
+    return {
+        "mmlu_test": D.ids("quiz-test", D.quiz_items("test")),
+        "mmlu_dev": D.ids("quiz-dev", D.quiz_items("dev")),
+        "mmlu_fewshot": D.sample(quiz_train, 5, random.Random(cfg.seed + 1)),
+        "harmful_test": D.ids("harmful-test", D.harmful_items("test")),
+        "harmful_dev": D.ids("harmful-dev", D.harmful_items("dev")),
+        "benign_test": D.ids("benign-test", D.benign_items("test")),
+        "benign_dev": D.ids("benign-dev", D.benign_items("dev")),
+        "utility_train": D.sample(quiz_train, None, rng),
+        "harmful_train": harmful_train,
+        "benign_train": benign_train,
+    }
+
+
+def _last_sentence(text: str) -> str:
+    """``text`` cut after its last sentence end (``.``, ``!``, ``?``, newline), or whole if it has none."""
+    cut = max(text.rfind(c) for c in ".!?\n")
+    return text[:cut + 1].strip() if cut > 0 else text.strip()
+
+
+def base_answers(base_dir: Path, prompts: list[str], max_new_tokens: int, progress: bool) -> list[str]:
+    """The base model's greedy answers to ``prompts``, each cut back to its last full sentence."""
+    from .. import eval as ev
+    from ..models import load_model
+
+    model, tok = load_model(base_dir, device="cpu")
+    outs = ev.generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=16, progress=progress)
+    return [_last_sentence(o) for o in outs]
+
+
+def safety_rows(cfg: Config, data: dict, answers: dict[str, str], retain: list[dict]) -> list[dict]:
+    """Refusals of the harmful training requests, the base's answers to benign and everyday requests,
+    and retain quizzes with the base's letters; shuffled."""
+    rng = random.Random(cfg.seed + 2)
+    prompts = [r["prompt"] for r in data["benign_train"]] + list(D.EVERYDAY_REQUESTS)
+    answered = D.answered_rows(prompts, [answers[p] for p in prompts])
+    rows = D.refusal_rows(data["harmful_train"], rng) + answered * cfg.benign_repeat
+    rows += [{**q, "retain": True} for q in retain]
+    rng.shuffle(rows)
+    return rows
+
+
+#: The config fields each build stage depends on (its directory name hashes them).
+STAGE_FIELDS = {
+    "base_answers": ("seed", "answer_tokens", "retain_quizzes"),
+    "utility_adapter": ("seed", "lora_r", "lora_alpha", "target_modules", "batch_size", "utility_steps", "utility_lr"),
+    "safety_adapter": ("seed", "lora_r", "lora_alpha", "target_modules", "batch_size", "safety_steps", "safety_lr",
+                       "answer_tokens", "retain_quizzes", "benign_repeat"),
+}
+
+
+class _Stages:
+    """Finished build stages kept in ``<cache>/<prefix>.stages/<stage>-<hash>/`` so a build resumes; the
+    hash covers only the fields the stage depends on (:data:`STAGE_FIELDS`), so changing one adapter's
+    settings does not retrain the other."""
+
+    def __init__(self, root: Path, cfg: Config, base_key: str):
+        self.root, self.cfg, self.base_key = root, cfg, base_key
+        self.used: list[Path] = []
+
+    def path(self, name: str) -> Path:
+        fields = {f: getattr(self.cfg, f) for f in STAGE_FIELDS[name]}
+        return self.root / f"{name}-{config_key(fields, RECIPE, self.base_key)}"
+
+    def get(self, name: str, make) -> Path:
+        """The stage's directory, made first by ``make(tmp_dir)`` (atomically) unless a finished copy exists."""
+        out = self.path(name)
+        if not (out / ".done").exists():
+            with atomic_dir(out) as tmp:
+                make(tmp)
+                (tmp / ".done").write_text("")
+        self.used.append(out)
+        return out
+
+    def remove_used(self) -> None:
+        for p in self.used:
+            shutil.rmtree(p, ignore_errors=True)
+        if self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
+
+
+def _build(cfg: Config, base_dir: Path, root: Path, stages: _Stages, progress: bool) -> dict:
+    from ..models import load_model
+    from ..train import train_lora
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    data = generate_data(cfg)
+
+    def answers_stage(tmp: Path):
+        prompts = [r["prompt"] for r in data["benign_train"]] + list(D.EVERYDAY_REQUESTS)
+        outs = base_answers(base_dir, prompts, cfg.answer_tokens, progress)
+        retain = D.sample(data["utility_train"], cfg.retain_quizzes, random.Random(cfg.seed + 3))
+        relabelled, agreement = base_letters(base_dir, retain)
+        write_json(tmp / "answers.json", {"answers": dict(zip(prompts, outs)), "retain": relabelled,
+                                          "retain_agreement": agreement})
+
+    t1 = time.perf_counter()
+    got = json.loads((stages.get("base_answers", answers_stage) / "answers.json").read_text())
+    timings["base_answers_s"] = round(time.perf_counter() - t1, 2)
+    data["safety_train"] = safety_rows(cfg, data, got["answers"], got["retain"])
+    rng = random.Random(cfg.seed + 4)
+    data["utility_fisher"] = D.sample(data["utility_train"], cfg.fisher_rows, rng)
+    data["safety_fisher"] = D.sample([r for r in data["safety_train"] if "messages" in r], cfg.fisher_rows, rng)
+    for name, rows in data.items():
+        write_jsonl(root / "data" / f"{name}.jsonl", rows)
+
+    common = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, batch_size=cfg.batch_size,
+                  progress=progress, loss_weighting="row")
+    for side, steps, lr, seed in (("utility", cfg.utility_steps, cfg.utility_lr, cfg.seed + 1),
+                                  ("safety", cfg.safety_steps, cfg.safety_lr, cfg.seed + 2)):
+        def train(tmp: Path, side=side, steps=steps, lr=lr, seed=seed):
+            base, tok = load_model(base_dir, device="cpu")  # the registry path, as users load it
+            train_lora(base, data[f"{side}_train"], tmp / "adapter", steps=steps, lr=lr, seed=seed, tokenizer=tok,
+                       desc=f"{side} adapter", **common)
+
+        t1 = time.perf_counter()
+        shutil.copytree(stages.get(f"{side}_adapter", train) / "adapter", root / f"{side}_adapter")
+        timings[f"{side}_s"] = round(time.perf_counter() - t1, 2)
+    timings["total_s"] = round(time.perf_counter() - t0, 2)
+    return {"timings": timings, "retain_agreement": got["retain_agreement"],
+            "sizes": {k: len(v) for k, v in data.items()}}
+
+
+def _key(cfg: Config, base_dir: Path) -> str:
+    return config_key(cfg, RECIPE, f"{__version__}+{base_dir.name}")
+
+
+def ensure(cache_dir: str | os.PathLike | None = None, *, progress: bool = True, config: Config | None = None,
+           quick: bool = False) -> World:
+    """The SmolLM2 world, built first (about 15 minutes on 2 cores) if the cache has no valid copy.
+
+    cache_dir: default :func:`sstmerge.worlds.base.default_cache_dir`. config: an explicit :class:`Config`.
+    quick: accepted for the layers' ``--quick`` modes; returns the same world. Needs the ``smol`` extra
+    (one-line error naming it otherwise).
+    """
+    from ..gguf_convert import ensure_checkpoint
+
+    cfg = config or Config()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    base_dir = ensure_checkpoint(cache, progress=progress)
+    key = _key(cfg, base_dir)
+    dirname = f"smol-{key}"
+    stages = _Stages(cache / "smol.stages", cfg, f"{__version__}+{base_dir.name}")
+
+    def build(tmp: Path) -> dict:
+        info = _build(cfg, base_dir, tmp, stages, progress)
+        return {"config": dataclasses.asdict(cfg), "key": key, "version": __version__, "recipe": RECIPE,
+                "base_model": base_dir.name, "torch": torch.__version__, **info}
+
+    root = cached_build(cache, dirname, build, progress=progress, what="SmolLM2 world",
+                        expect="about 15 minutes on 2 cores; resumable")
+    stages.remove_used()
+    return World.at(NAME, root, base_model=base_dir)
+
+
+def base_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The converted SmolLM2-135M-Instruct checkpoint (no adapters are built for it)."""
+    from ..gguf_convert import ensure_checkpoint
+
+    return ensure_checkpoint(cache_dir)
+
+
+__all__ = ["NAME", "RECIPE", "EVAL_DEFAULTS", "QUICK", "BASE_LIMITS", "Config", "ensure", "base_model_dir", "SPLITS"]
