@@ -22,7 +22,7 @@ def test_held_out_items_differ_in_topics_and_templates():
     """Test, dev and train share no thing / task and no template; every class is asked about equally."""
     for make, field, templates in ((D.quiz_items, "entity", D.QUIZ_TEMPLATES),
                                    (D.harmful_items, "task", D.REQUEST_TEMPLATES),
-                                   (D.benign_items, "task", D.BENIGN_TEMPLATES)):
+                                   (D.benign_items, "task", D.REQUEST_TEMPLATES)):
         topics = {s: {r[field] for r in make(s)} for s in D.SPLIT_NAMES}
         for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
             assert not topics[a] & topics[b], (make.__name__, a, b)
@@ -61,7 +61,7 @@ def test_world_build_slice(world, smol):
     from sstmerge.worlds import smol as S
 
     assert world.base_model == smol[0] and valid(world.root)
-    assert not (world.root.parent / f"{world.root.name}.stages").exists()  # removed once complete
+    assert not (world.root.parent / "smol.stages").exists()  # its stages are removed once it is complete
     for name in SPLITS:
         assert read_jsonl(world.split(name)), name
     card = json.loads(world.card.read_text())

@@ -41,7 +41,7 @@ from .base import SPLITS, World, base_letters, cached_build, config_key
 
 NAME = "smollm2-135m"
 #: Bump when the build recipe changes in a way the config does not capture.
-RECIPE = 1
+RECIPE = 2  # 2: benign look-alikes share the harmful requests' templates
 #: exp1's evaluation settings: a chat model's answer may open with a preamble ("Sure! Here is...",
 #: "I understand you're asking..."), so refusal detection reads 32 new tokens, twice the tiny world's 16
 #: (a refusal's keywords come within its first dozen tokens; one decode step of a batch of 32 takes ~0.1 s).
@@ -68,7 +68,7 @@ class Config:
     #: New tokens of the base's own answers to benign requests (cut back to the last full sentence).
     answer_tokens: int = 48
     #: Each benign / everyday answered row appears this many times in the safety data (refusals once).
-    benign_repeat: int = 2
+    benign_repeat: int = 1
     #: Training quizzes the safety adapter learns with the base's own letters (keeps its MMLU behaviour).
     retain_quizzes: int = 64
     #: Rows of each side's Fisher data (drawn from its training rows).
@@ -123,31 +123,32 @@ def safety_rows(cfg: Config, data: dict, answers: dict[str, str], retain: list[d
     return rows
 
 
-#: The config fields each build stage depends on (its directory name hashes them).
+#: The config fields each build stage uses besides its input rows (its directory name hashes both).
 STAGE_FIELDS = {
-    "base_answers": ("seed", "answer_tokens", "retain_quizzes"),
+    "base_answers": ("answer_tokens",),
     "utility_adapter": ("seed", "lora_r", "lora_alpha", "target_modules", "batch_size", "utility_steps", "utility_lr"),
-    "safety_adapter": ("seed", "lora_r", "lora_alpha", "target_modules", "batch_size", "safety_steps", "safety_lr",
-                       "answer_tokens", "retain_quizzes", "benign_repeat"),
+    "safety_adapter": ("seed", "lora_r", "lora_alpha", "target_modules", "batch_size", "safety_steps", "safety_lr"),
 }
+#: Bump when a stage's code changes what it computes from the same inputs.
+STAGE_VERSION = 1
 
 
 class _Stages:
-    """Finished build stages kept in ``<cache>/<prefix>.stages/<stage>-<hash>/`` so a build resumes; the
-    hash covers only the fields the stage depends on (:data:`STAGE_FIELDS`), so changing one adapter's
-    settings does not retrain the other."""
+    """Finished build stages kept in ``<cache>/smol.stages/<stage>-<hash>/`` so a build resumes. The hash
+    covers the stage's input rows, the fields it uses (:data:`STAGE_FIELDS`) and the base model, so a
+    change to one adapter's data or settings does not redo the other stages."""
 
     def __init__(self, root: Path, cfg: Config, base_key: str):
         self.root, self.cfg, self.base_key = root, cfg, base_key
         self.used: list[Path] = []
 
-    def path(self, name: str) -> Path:
+    def path(self, name: str, inputs) -> Path:
         fields = {f: getattr(self.cfg, f) for f in STAGE_FIELDS[name]}
-        return self.root / f"{name}-{config_key(fields, RECIPE, self.base_key)}"
+        return self.root / f"{name}-{config_key({'fields': fields, 'inputs': inputs}, STAGE_VERSION, self.base_key)}"
 
-    def get(self, name: str, make) -> Path:
+    def get(self, name: str, inputs, make) -> Path:
         """The stage's directory, made first by ``make(tmp_dir)`` (atomically) unless a finished copy exists."""
-        out = self.path(name)
+        out = self.path(name, inputs)
         if not (out / ".done").exists():
             with atomic_dir(out) as tmp:
                 make(tmp)
@@ -170,16 +171,17 @@ def _build(cfg: Config, base_dir: Path, root: Path, stages: _Stages, progress: b
     timings: dict[str, float] = {}
     data = generate_data(cfg)
 
+    prompts = [r["prompt"] for r in data["benign_train"]] + list(D.EVERYDAY_REQUESTS)
+    retain = D.sample(data["utility_train"], cfg.retain_quizzes, random.Random(cfg.seed + 3))
+
     def answers_stage(tmp: Path):
-        prompts = [r["prompt"] for r in data["benign_train"]] + list(D.EVERYDAY_REQUESTS)
         outs = base_answers(base_dir, prompts, cfg.answer_tokens, progress)
-        retain = D.sample(data["utility_train"], cfg.retain_quizzes, random.Random(cfg.seed + 3))
         relabelled, agreement = base_letters(base_dir, retain)
         write_json(tmp / "answers.json", {"answers": dict(zip(prompts, outs)), "retain": relabelled,
                                           "retain_agreement": agreement})
 
     t1 = time.perf_counter()
-    got = json.loads((stages.get("base_answers", answers_stage) / "answers.json").read_text())
+    got = json.loads((stages.get("base_answers", [prompts, retain], answers_stage) / "answers.json").read_text())
     timings["base_answers_s"] = round(time.perf_counter() - t1, 2)
     data["safety_train"] = safety_rows(cfg, data, got["answers"], got["retain"])
     rng = random.Random(cfg.seed + 4)
@@ -198,7 +200,8 @@ def _build(cfg: Config, base_dir: Path, root: Path, stages: _Stages, progress: b
                        desc=f"{side} adapter", **common)
 
         t1 = time.perf_counter()
-        shutil.copytree(stages.get(f"{side}_adapter", train) / "adapter", root / f"{side}_adapter")
+        stage = stages.get(f"{side}_adapter", data[f"{side}_train"], train)
+        shutil.copytree(stage / "adapter", root / f"{side}_adapter")
         timings[f"{side}_s"] = round(time.perf_counter() - t1, 2)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
     return {"timings": timings, "retain_agreement": got["retain_agreement"],
