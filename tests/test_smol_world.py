@@ -73,9 +73,9 @@ def test_world_build_slice(world, smol):
     assert len(refusals) == len(D.harmful_items("train"))
     assert len(answered) == S.Config().benign_repeat * (len(D.benign_items("train")) + len(D.EVERYDAY_REQUESTS))
     assert len(retain) == SLICE["retain_quizzes"]
-    for a in (world.utility_adapter, world.safety_adapter):
+    for a, steps in ((world.utility_adapter, SLICE["utility_steps"]), (world.safety_adapter, SLICE["safety_steps"])):
         log = json.loads((a / "train_log.json").read_text())
-        assert len(log["losses"]) == SLICE["utility_steps"]
+        assert len(log["losses"]) == steps
 
 
 @needs_smol

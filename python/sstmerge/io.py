@@ -78,6 +78,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SSTMERGE_CACHE") or Path.home() / ".cache" / "sstmerge").expanduser()
 
 
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """``cache_dir`` (``~`` expanded), or :func:`default_cache_dir` when it is None."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -111,7 +116,7 @@ def cached_dir(cache_dir: str | os.PathLike | None, dirname: str, build: Callabl
     The directory is renamed into place when complete (an interrupted build leaves nothing), under a
     file lock (concurrent callers build once).
     """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = cache_root(cache_dir)
     root = cache / dirname
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / f".{dirname}.lock", "w") as lock:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..io import atomic_dir, default_cache_dir, write_json, write_jsonl
+from ..io import atomic_dir, cache_root, write_json, write_jsonl
 from ..train.lora import DEFAULT_TARGET_MODULES
 from . import smol_data as D
 from .base import SPLITS, World, base_letters, cached_build, config_key
@@ -208,10 +208,6 @@ def _build(cfg: Config, base_dir: Path, root: Path, stages: _Stages, progress: b
             "sizes": {k: len(v) for k, v in data.items()}}
 
 
-def _key(cfg: Config, base_dir: Path) -> str:
-    return config_key(cfg, RECIPE, f"{__version__}+{base_dir.name}")
-
-
 def ensure(cache_dir: str | os.PathLike | None = None, *, progress: bool = True, config: Config | None = None,
            quick: bool = False) -> World:
     """The SmolLM2 world, built first (about 15 minutes on 2 cores) if the cache has no valid copy.
@@ -223,11 +219,12 @@ def ensure(cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
     from ..gguf_convert import ensure_checkpoint
 
     cfg = config or Config()
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = cache_root(cache_dir)
     base_dir = ensure_checkpoint(cache, progress=progress)
-    key = _key(cfg, base_dir)
+    base_key = f"{__version__}+{base_dir.name}"  # the package version and the GGUF's hash
+    key = config_key(cfg, RECIPE, base_key)
     dirname = f"smol-{key}"
-    stages = _Stages(cache / "smol.stages", cfg, f"{__version__}+{base_dir.name}")
+    stages = _Stages(cache / "smol.stages", cfg, base_key)
 
     def build(tmp: Path) -> dict:
         info = _build(cfg, base_dir, tmp, stages, progress)

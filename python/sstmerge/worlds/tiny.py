@@ -36,9 +36,9 @@ import torch
 
 from .. import __version__
 from ..data import world as W
-from ..io import write_jsonl
+from ..io import cache_root, write_jsonl
 from . import pinned
-from .base import SPLITS, World, base_letters, cached_build, config_key, default_cache_dir, valid
+from .base import SPLITS, World, base_letters, cached_build, config_key, valid
 
 NAME = "tiny"
 #: Bump when the build recipe changes in a way the config does not capture.
@@ -248,7 +248,7 @@ def ensure(cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
                 "version": __version__, "recipe": RECIPE, "torch": torch.__version__,
                 "numerics": pinned.numerics(), **info}
 
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = cache_root(cache_dir)
     if not pinned.is_pinned() and not valid(cache / _dirname(cfg)):
         pinned.build(NAME, cache, cfg, progress=progress)  # the same bits on every CPU (worlds.pinned)
     root = cached_build(cache, _dirname(cfg), build, progress=progress, what="tiny world",
