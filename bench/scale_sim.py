@@ -6,10 +6,11 @@
 Builds N decoder layers with the registry model's true shapes (sstmerge.models.SHAPES; random fp32
 weights, a small word-level tokenizer and synthetic chat data), random r=16 LoRA adapters on all 7
 projections, then runs the real code: the Fisher every method needs (sstmerge.merge.fisher_inputs),
-every merge method at one alpha (sstmerge.merge.merge, adapters written), and an evaluation pass
+every merge method over exp1's alpha sweep (sstmerge.merge.merge_sweep, every adapter written; --quick:
+the quick sweep), and an evaluation pass
 (MMLU-style scoring forward + greedy generation with a merged adapter). Per stage it measures wall
 time, the process's peak RSS above the stage's start (VmHWM, reset per stage), and file sizes;
-extrapolates to full depth (sizes and merge times x layers, times x alphas); and prints them next
+extrapolates to full depth (sizes and merge times x layers); and prints them next
 to ``sstmerge.plan``'s numbers for the same N layers, with the ratio sim / plan.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import sys
 import tempfile
@@ -132,7 +132,7 @@ def build(root: Path, model: str, layers: int, rank: int, seed: int = 0):
 # ------------------------------------------------------------------------ the run
 
 def run(model: str, layers: int, *, rank: int = 16, rows: int = 16, words: int = 60, batch: int = 4,
-        alpha: float = 1.0, quick: bool = False, out: Path | None = None) -> dict:
+        quick: bool = False, out: Path | None = None) -> dict:
     from sstmerge import merge as mg
     from sstmerge import plan as pl
 
@@ -155,22 +155,25 @@ def run(model: str, layers: int, *, rank: int = 16, rows: int = 16, words: int =
     tokens = max(len(_ids(tok, r["messages"], False)) for r in safety + utility)
     res["fisher"] = {"seconds": st.seconds, "peak_bytes": st.peak, "files": files, "padded_tokens": tokens}
     res["merge"] = {}
+    alphas = list(mg.QUICK_ALPHAS if quick else mg.DEFAULT_ALPHAS)
+    res["alphas"] = alphas
     for m in methods:
+        outs = [root / "merged" / f"{m}_{a:g}" for a in alphas]
         with Stage() as st:
-            r = mg.merge(m, str(base), str(U), str(S), alpha=alpha, fisher=fisher, out=root / "merged" / m, seed=0)
+            rs = mg.merge_sweep(m, str(base), str(U), str(S), alphas=alphas, fisher=fisher, outs=outs, seed=0)
         res["merge"][m] = {"seconds": st.seconds, "peak_bytes": st.peak,
-                           "adapter_bytes": (root / "merged" / m / "adapter_model.safetensors").stat().st_size,
-                           "max_rank": max(f.rank for f in r.layers.values())}
-        del r
+                           "adapter_bytes": max((o / "adapter_model.safetensors").stat().st_size for o in outs),
+                           "max_rank": max(f.rank for r in rs for f in r.layers.values())}
+        del rs
     res["input_adapter_bytes"] = sum((p / "adapter_model.safetensors").stat().st_size for p in (U, S))
     with Stage() as st:
-        res["eval_detail"] = _eval_pass(base, root / "merged" / "sst", tok, n=4 if quick else 16)
+        res["eval_detail"] = _eval_pass(base, root / "merged" / f"sst_{alphas[-1]:g}", tok, n=4 if quick else 16)
     res["eval"] = {"seconds": st.seconds, "peak_bytes": st.peak}
     # the plan for the same N layers, with this run's data sizes, and for full depth
-    a = pl.Assumptions(rank=rank, fisher_rows=rows, fisher_tokens=tokens, fisher_batch=batch, n_alphas=1)
-    costs = pl.calibrate((512, 1024) if quick else (2048, 4096), rank=rank)
+    a = pl.Assumptions(rank=rank, fisher_rows=rows, fisher_tokens=tokens, fisher_batch=batch, n_alphas=len(alphas))
+    costs = pl.calibrate((512, 1024) if quick else (2048, 4096), rank=rank, n_alphas=len(alphas))
     res["plan_sim"] = pl.make_plan(model, a, costs=costs, layers=layers)
-    res["plan_full"] = pl.make_plan(model, pl.Assumptions(rank=rank), costs=costs)
+    res["plan_full"] = pl.make_plan(model, pl.Assumptions(rank=rank, n_alphas=len(alphas)), costs=costs)
     res["plan_fisher_cpu"] = pl.fisher_pass_bytes(dataclasses.replace(SHAPES[model], layers=layers, vocab=len(tok)),
                                                   dataclasses.replace(a, weight_bytes=4), act_bytes=4)
     if tmp:
@@ -234,12 +237,12 @@ def table(res: dict) -> str:
                  f"{pf['stages']['fisher']['seconds'] / 60:.0f} min (H100) |")
     cpu = ps["stages"]["merge"]["detail"]["cpu_seconds"]
     cpu_full = pf["stages"]["merge"]["detail"]["cpu_seconds"]
-    nal = pf["assumptions"]["n_alphas"]
+    nal = len(res["alphas"])
     tot_meas = 0.0
     for m, r in res["merge"].items():
         tot_meas += r["seconds"]
-        row(f"merge {m}: time (1 alpha)", r["seconds"], cpu[m], r["seconds"] * k * nal, cpu_full[m], "s", 1)
-    row("all merges, CPU (grid)", tot_meas, sum(cpu.values()), tot_meas * k * nal, sum(cpu_full.values()), "min", 60)
+        row(f"merge {m}: time ({nal} alphas)", r["seconds"], cpu[m], r["seconds"] * k, cpu_full[m], "s", 1)
+    row("all merges, CPU (grid)", tot_meas, sum(cpu.values()), tot_meas * k, sum(cpu_full.values()), "min", 60)
     peak = max(r["peak_bytes"] for r in res["merge"].values())
     row("merge peak RSS (max method)", peak, ps["stages"]["merge"]["host"] - ps["assumptions"]["host_base_gb"] * GB,
         peak, pf["stages"]["merge"]["host"], "GB", GB)

@@ -156,6 +156,7 @@ def test_sst_failure_stops_the_run_without_results(tmp_path, monkeypatch):
         raise RuntimeError("sst: layer model.layers.0.self_attn.q_proj: generalized eigenproblem failed")
 
     monkeypatch.setattr(METHODS["sst"], "run", boom)
+    monkeypatch.setattr(METHODS["sst"], "sweep", boom)  # exp1 runs each method's alphas as one sweep
     cfg = exp1._config(exp1._parser().parse_args(["--quick", "--methods", "sst", "--alphas", "1"]))
     with pytest.raises(RuntimeError, match="eigenproblem failed"):
         exp1.run(cfg, tmp_path / "r", log=lambda s: None)

@@ -14,8 +14,8 @@ from sstmerge.models import SHAPES, shape_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 #: fixed per-layer costs so these tests do not depend on this machine's speed
-COSTS = {m: ({"per_entry_s": 1e-8} if m in ("ties", "dare", "fisher_avg") else {"per_layer_s": 0.01})
-         for m in ("sst", "task_arithmetic", "ties", "dare", "safe_lora", "safemerge", "fisher_avg", "regmean")}
+COSTS = {"n_alphas": 5, **{m: ({"per_entry_s": 1e-8} if m in ("ties", "dare", "fisher_avg") else {"per_layer_s": 0.01})
+                            for m in ("sst", "task_arithmetic", "ties", "dare", "safe_lora", "safemerge", "fisher_avg", "regmean")}}
 
 
 def test_shapes_give_the_registry_models_parameter_counts():

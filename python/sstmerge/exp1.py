@@ -207,18 +207,22 @@ class Cache:
         self.root = root
         self.log = log
 
+    def has(self, rel: str, key: dict) -> bool:
+        """Whether ``rel/`` holds a directory built for ``key``."""
+        path = self.root / rel
+        return (path / ".key").exists() and (path / ".key").read_text().strip() == _hash(key)
+
     def directory(self, rel: str, key: dict, build: Callable[[Path], None]) -> Path:
         """A directory built by ``build(tmp)`` and renamed into place, with its key in .key."""
         path = self.root / rel
-        k = _hash(key)
-        if (path / ".key").exists() and (path / ".key").read_text().strip() == k:
+        if self.has(rel, key):
             self.log(f"  cached: {rel}/")
             return path
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-build
             shutil.rmtree(stale, ignore_errors=True)
         with io.atomic_dir(path) as tmp:
             build(tmp)
-            (tmp / ".key").write_text(k + "\n")
+            (tmp / ".key").write_text(_hash(key) + "\n")
         return path
 
 
@@ -466,20 +470,21 @@ def run(cfg: Config, out_dir: Path, stop_after: str | None = None, log=print) ->
     stage("merge")
     adapters: dict[str, str | None] = {}
     diagnostics: dict[str, dict] = {}
-    points = [(m, a) for m in cfg.methods for a in cfg.alphas]
-    for method, alpha in tqdm(points, desc="merge", unit="merge"):
-        key = _point_key(method, alpha)
-        mkey = {"method": method, "alpha": alpha, "seed": cfg.seed, "hashes": prep.hashes,
-                "options": mg.default_options(method), "fisher": fisher.key if fisher is not None else None}
-
-        def build(tmp: Path, method=method, alpha=alpha):
-            mg.merge(method, prep.base, prep.utility, prep.safety, alpha=alpha, fisher=fisher, out=tmp,
-                     seed=cfg.seed, backend=cfg.backend)
-
-        path = cache.directory(f"merged/{key}", mkey, build)
-        adapters[key] = str(path)
-        diag = path / "diagnostics.json"
-        diagnostics[key] = json.loads(diag.read_text()) if diag.exists() else {}
+    for method in tqdm(cfg.methods, desc="merge", unit="method"):
+        keys = {a: (_point_key(method, a), {"method": method, "alpha": a, "seed": cfg.seed, "hashes": prep.hashes,
+                                            "options": mg.default_options(method),
+                                            "fisher": fisher.key if fisher is not None else None})
+                for a in cfg.alphas}
+        todo = [a for a, (key, mkey) in keys.items() if not cache.has(f"merged/{key}", mkey)]
+        # every alpha of a method in one sweep: each layer's alpha-independent work done once
+        swept = dict(zip(todo, mg.merge_sweep(method, prep.base, prep.utility, prep.safety, alphas=todo,
+                                              fisher=fisher, seed=cfg.seed, backend=cfg.backend))) if todo else {}
+        for a, (key, mkey) in keys.items():
+            path = cache.directory(f"merged/{key}", mkey, lambda tmp, r=swept.get(a): r.write_into(tmp))
+            adapters[key] = str(path)
+            diag = path / "diagnostics.json"
+            diagnostics[key] = json.loads(diag.read_text()) if diag.exists() else {}
+        swept.clear()
     sst_diag = [k for k in adapters if k.startswith("sst_")]
     if not sst_diag or not all((Path(adapters[k]) / "diagnostics.json").exists() for k in sst_diag):
         raise RuntimeError("SST-Merge wrote no diagnostics: it did not run; refusing to report results")

@@ -113,8 +113,9 @@ def eval_bytes(shape: ModelShape, a: Assumptions) -> dict:
 
 # --------------------------------------------------------------------------- CPU merge costs
 
-def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: int = 0) -> dict:
-    """Seconds per weight entry of each dense-delta method, and seconds per layer of the others,
+def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: int = 0, n_alphas: int = 5) -> dict:
+    """Seconds per weight entry of each dense-delta method, and seconds per layer of the others, for
+    a sweep of ``n_alphas`` alphas (the way exp1 runs them: :func:`sstmerge.merge.merge_sweep`),
     measured by running the methods' own code on one synthetic layer with random r-rank adapters
     and random Fisher statistics (a few seconds). Merge time is linear in O I for the dense
     methods (row blocks + a rank-(2r + 10) randomized SVD) and independent of it otherwise
@@ -154,12 +155,15 @@ def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: in
         results[(role, "kfac")] = SimpleNamespace(kind="kfac", meta={}, tensors={
             f"{name}.A": (X @ X.T).float(), f"{name}.G": (Y @ Y.T).float(), f"{name}.q_in": q_in, f"{name}.q_out": q_out})
     ctx = Context(base="", utility=U, safety=S, fisher=FisherInputs(results, key="calibration"))
-    out = {}
+    from .merge import DEFAULT_ALPHAS
+
+    alphas = [DEFAULT_ALPHAS[j % len(DEFAULT_ALPHAS)] * (1 + j // len(DEFAULT_ALPHAS)) for j in range(n_alphas)]
+    out = {"n_alphas": n_alphas}
     for m, spec in METHODS.items():
         opts = dict(spec.defaults)
         spec.run(ctx, 0.5, **opts)  # warm-up
         t0 = time.perf_counter()
-        spec.run(ctx, 0.5, **opts)
+        spec.run_sweep(ctx, alphas, **opts)
         dt = time.perf_counter() - t0
         dense = m in ("ties", "dare", "fisher_avg")
         out[m] = {"per_entry_s" if dense else "per_layer_s": dt / (O * I) if dense else dt}
@@ -167,20 +171,24 @@ def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: in
 
 
 def merge_cpu_seconds(shapes, costs: dict, n_alphas: int) -> dict[str, float]:
-    """Per method: sum over layers of (per-entry cost x O I, or per-layer cost), x alphas."""
+    """Per method, the whole alpha sweep: sum over layers of (per-entry cost x O I, or per-layer cost)."""
+    if costs.get("n_alphas") != n_alphas:
+        raise ValueError(f"merge costs were calibrated for {costs.get('n_alphas')} alphas, the grid has {n_alphas}")
     out = {}
     for m, c in costs.items():
-        per = sum(c["per_entry_s"] * o * i for o, i in shapes) if "per_entry_s" in c else c["per_layer_s"] * len(shapes)
-        out[m] = per * n_alphas
+        if m == "n_alphas":
+            continue
+        out[m] = sum(c["per_entry_s"] * o * i for o, i in shapes) if "per_entry_s" in c else c["per_layer_s"] * len(shapes)
     return out
 
 
 def merge_host_bytes(shapes, r: int, a: Assumptions) -> int:
-    """Host peak of one merge: the process, the two input adapters and the merged factors of every
-    layer (fp32), one [O, I] fp32 result D of the largest layer, ~12 row-block arrays of 1 MB."""
+    """Host peak of one method's sweep: the process, the two input adapters, the merged factors of
+    every layer at every alpha (fp32, rank 2r: each set the size of the inputs), one [O, I] fp32
+    result D of the largest layer and ~12 row-block arrays of 1 MB."""
     o, i = max(shapes, key=lambda t: t[0] * t[1])
     ins = adapter_bytes(shapes, [r] * len(shapes))
-    return int(a.host_base_gb * GB + 2 * ins + 2 * ins + 4 * o * i + 12 * 4 * (1 << 18))
+    return int(a.host_base_gb * GB + 2 * ins + a.n_alphas * 2 * ins + 4 * o * i + 12 * 4 * (1 << 18))
 
 
 # --------------------------------------------------------------------------- the plan
@@ -205,7 +213,7 @@ def make_plan(model: str, a: Assumptions | None = None, costs: dict | None = Non
     ins = adapter_bytes(shapes, [r] * len(shapes))
     merged_rank = {m: (2 * r) for m in ("sst", "task_arithmetic", "ties", "dare", "fisher_avg", "regmean", "safe_lora", "safemerge")}
     fisher = fisher_file_bytes(shapes, r)
-    costs = costs if costs is not None else calibrate(rank=r)
+    costs = costs if costs is not None else calibrate(rank=r, n_alphas=a.n_alphas)
     cpu = merge_cpu_seconds(shapes, costs, a.n_alphas)
     fpass = fisher_pass_bytes(shape, a)
     P = shape.params()

@@ -14,7 +14,6 @@ for each method's math and the meaning of alpha.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (
 DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0)
 QUICK_ALPHAS = (0.5, 1.0, 2.0)
 
-__all__ = ["METHODS", "DEFAULT_ALPHAS", "QUICK_ALPHAS", "MergeResult", "LayerFactors", "FisherInputs", "merge",
+__all__ = ["METHODS", "DEFAULT_ALPHAS", "QUICK_ALPHAS", "MergeResult", "LayerFactors", "FisherInputs", "merge", "merge_sweep",
            "default_options", "fisher_inputs", "needs"]
 
 
@@ -52,6 +51,7 @@ class MergeResult:
     layers: dict[str, LayerFactors]
     diagnostics: dict
     out: Path | None = None
+    info: dict = dataclasses.field(default_factory=dict)  # merge.json: provenance of the merge
 
     def delta(self, layer: str):
         return self.layers[layer].delta()
@@ -60,6 +60,28 @@ class MergeResult:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         ad.save_adapter(path, {n: (f.B, f.A, f.scale) for n, f in self.layers.items()}, base_model=self.base)
+
+    def write(self, out: str | Path, *, files=None, backend: str = "auto", progress: bool = False) -> None:
+        """``out/``, atomically (a failure leaves nothing): see :meth:`write_into`."""
+        from ..io import atomic_dir
+
+        with atomic_dir(out) as tmp:
+            self.write_into(tmp, files=files, backend=backend, progress=progress)
+        self.out = Path(out)
+
+    def write_into(self, path: Path, *, files=None, backend: str = "auto", progress: bool = False) -> None:
+        """The peft adapter, diagnostics.json and merge.json into the existing directory ``path``;
+        with ``files`` (the base's :class:`ModelFiles`) also ``path/fused/``."""
+        from .writers import write_fused, write_json
+
+        t0 = time.perf_counter()
+        self.save_adapter(path)
+        write_json(path / "diagnostics.json", _jsonable({"method": self.method, "alpha": self.alpha, **self.diagnostics}))
+        info = dict(self.info)
+        if files is not None:
+            info["fused"] = write_fused(files, path / "fused", self.layers, backend=backend, progress=progress)
+        info["write_seconds"] = round(time.perf_counter() - t0, 3)
+        write_json(path / "merge.json", info)
 
 
 def _as_adapter(x, what: str) -> ad.LoraAdapter:
@@ -91,6 +113,28 @@ def merge(method: str, base, utility, safety, *, alpha: float, fisher=None, out=
     needs Fisher statistics and none are given, ``safety_rows``/``utility_rows`` (chat rows) are used
     to estimate them. options: the method's options (see ``default_options(method)``).
     """
+    return merge_sweep(method, base, utility, safety, alphas=[alpha], fisher=fisher,
+                       outs=None if out is None else [out], dense=dense, seed=seed, backend=backend,
+                       progress=progress, safety_rows=safety_rows, utility_rows=utility_rows, **options)[0]
+
+
+def _alpha(alpha) -> float:
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise InputError(f"alpha must be a number, got {alpha!r}") from None
+    if not (alpha >= 0 and alpha < float("inf")):
+        raise InputError(f"alpha must be a finite number >= 0, got {alpha}")
+    return alpha
+
+
+def merge_sweep(method: str, base, utility, safety, *, alphas, fisher=None, outs=None, dense: bool = False,
+                seed: int = 0, backend: str = "auto", progress: bool = False, safety_rows=None,
+                utility_rows=None, **options) -> list[MergeResult]:
+    """:func:`merge` at every alpha of ``alphas``, with the alpha-independent work of each layer
+    (SST's pencil, a dense method's target and range) done once: the results equal separate
+    :func:`merge` calls. ``outs``: one output directory per alpha (or None: nothing written); each
+    result is also written later by ``result.write(path)``."""
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InputError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
@@ -98,12 +142,11 @@ def merge(method: str, base, utility, safety, *, alpha: float, fisher=None, out=
     unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
         raise InputError(f"{method}: unknown option(s) {', '.join(unknown)}; it takes {', '.join(spec.defaults) or 'none'}")
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise InputError(f"alpha must be a number, got {alpha!r}") from None
-    if not (alpha >= 0 and alpha < float("inf")):
-        raise InputError(f"alpha must be a finite number >= 0, got {alpha}")
+    alphas = [_alpha(a) for a in alphas]
+    if not alphas:
+        raise InputError("merge_sweep: no alpha given")
+    if outs is not None and len(outs) != len(alphas):
+        raise InputError(f"merge_sweep: {len(outs)} output directories for {len(alphas)} alphas")
     opts = {**spec.defaults, **options}
 
     from .writers import ModelFiles, resolve_model_dir
@@ -133,26 +176,21 @@ def merge(method: str, base, utility, safety, *, alpha: float, fisher=None, out=
                            backend=backend, seed=seed, progress=progress, options={method: opts})
 
     ctx = Context(base=str(base_dir), utility=U, safety=S, fisher=fi, seed=seed, progress=progress)
-    layers, diagnostics = spec.run(ctx, alpha, **opts)
-    if set(layers) != set(U.layers):
-        raise RuntimeError(f"{method} returned {len(layers)} layers for {len(U.layers)} adapter layers")
-    for name, f in layers.items():
-        check_finite(name, f, method)
-    result = MergeResult(method, alpha, opts, str(base_dir), layers, diagnostics)
-    if out is not None:
-        from ..io import atomic_dir
-        from .writers import write_fused, write_json
-
-        with atomic_dir(out) as tmp:
-            result.save_adapter(tmp)
-            info = {"method": method, "alpha": alpha, "options": _jsonable(opts), "seed": seed,
-                    "base": str(base_dir), "utility": U.describe(), "safety": S.describe(),
-                    "fisher_key": getattr(fi, "key", None), "ranks": {n: f.rank for n, f in layers.items()},
-                    "python": platform.python_version()}
-            write_json(tmp / "diagnostics.json", _jsonable({"method": method, "alpha": alpha, **diagnostics}))
-            if dense:
-                info["fused"] = write_fused(files, tmp / "fused", layers, backend=backend, progress=progress)
-            info["seconds"] = round(time.perf_counter() - t0, 3)
-            write_json(tmp / "merge.json", info)
-        result.out = Path(out)
-    return result
+    swept = spec.run_sweep(ctx, alphas, **opts)
+    seconds = time.perf_counter() - t0
+    results = []
+    for alpha, (layers, diagnostics) in zip(alphas, swept):
+        if set(layers) != set(U.layers):
+            raise RuntimeError(f"{method} returned {len(layers)} layers for {len(U.layers)} adapter layers")
+        for name, f in layers.items():
+            check_finite(name, f, method)
+        info = {"method": method, "alpha": alpha, "options": _jsonable(opts), "seed": seed,
+                "base": str(base_dir), "utility": U.describe(), "safety": S.describe(),
+                "fisher_key": getattr(fi, "key", None), "ranks": {n: f.rank for n, f in layers.items()},
+                "python": platform.python_version(),
+                "sweep": {"alphas": alphas, "seconds": round(seconds, 3)}}  # computed together
+        results.append(MergeResult(method, alpha, opts, str(base_dir), layers, diagnostics, info=info))
+    if outs is not None:
+        for r, out in zip(results, outs):
+            r.write(out, files=files if dense else None, backend=backend, progress=progress)
+    return results

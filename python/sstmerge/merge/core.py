@@ -156,7 +156,10 @@ def options_key(d: Mapping) -> str:
 
 @dataclasses.dataclass
 class Method:
-    """A registered method: ``run(ctx, alpha, **options) -> (factors, diagnostics)``."""
+    """A registered method: ``run(ctx, alpha, **options) -> (factors, diagnostics)``; methods with
+    alpha-independent work per layer (a Fisher pencil, a dense target) also give
+    ``sweep(ctx, alphas, **options) -> [(factors, diagnostics) per alpha]``, which does that work
+    once for all alphas and returns what ``run`` returns at each of them."""
 
     name: str
     run: Callable
@@ -164,6 +167,19 @@ class Method:
     fisher: Callable[[dict], list[tuple[str, str]]]  # options -> [(role, kind)] it needs
     equal_ranks: bool = False
     doc: str = ""
+    sweep: Callable | None = None
+
+    def run_sweep(self, ctx: "Context", alphas, **options) -> list[tuple[dict, dict]]:
+        if self.sweep is not None:
+            return self.sweep(ctx, list(alphas), **options)
+        return [self.run(ctx, a, **options) for a in alphas]
+
+
+def from_sweep(sweep: Callable) -> Callable:
+    """``run(ctx, alpha, **options)`` of a method defined by its sweep."""
+    def run(ctx: "Context", alpha: float, **options):
+        return sweep(ctx, [alpha], **options)[0]
+    return run
 
 
 def no_fisher(_opts: dict) -> list[tuple[str, str]]:

@@ -10,6 +10,8 @@ Strength alpha moves from the utility model to that merge:
 
     dM = dU + alpha * (M - dU)         (alpha = 0: dU exactly)
 
+The masks do not depend on alpha: a sweep draws them, and builds M, once per layer.
+
 Factored at rank ``r_U + r_S`` by default (``rank``: see :mod:`sstmerge.merge.dense`).
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from .core import Context, Method, no_fisher
+from .core import Context, Method, from_sweep, no_fisher
 from .dense import elect_and_merge, run_dense
 
 DEFAULTS = {"density": 0.5, "variant": "linear", "lam": 1.0, "rank": "auto"}
@@ -31,7 +33,7 @@ def dare(d: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
     return torch.where(keep, d / density, torch.zeros_like(d))
 
 
-def run(ctx: Context, alpha: float, *, density: float = 0.5, variant: str = "linear", lam: float = 1.0,
+def sweep(ctx: Context, alphas, *, density: float = 0.5, variant: str = "linear", lam: float = 1.0,
         rank="auto"):
     if not 0.0 < density <= 1.0:
         raise InputError(f"dare: density must be in (0, 1], got {density}")
@@ -42,12 +44,11 @@ def run(ctx: Context, alpha: float, *, density: float = 0.5, variant: str = "lin
         seed = ctx.layer_seed(name)
         return torch.Generator().manual_seed(seed), torch.Generator().manual_seed((seed + 1) % (2**63 - 1))
 
-    def rule(name, r0, r1, dU, dS, gens):
+    def target(name, r0, r1, dU, dS, gens):
         tu, ts = dare(dU, density, gens[0]), dare(dS, density, gens[1])
-        M = tu + ts if variant == "linear" else lam * elect_and_merge([tu, ts])
-        return dU + alpha * (M - dU), {}
+        return (tu + ts if variant == "linear" else lam * elect_and_merge([tu, ts])), {}
 
-    return run_dense(ctx, f"dare-{variant}", rule, rank, prepare)
+    return run_dense(ctx, f"dare-{variant}", alphas, rank, prepare=prepare, target=target)
 
 
-METHOD = Method("dare", run, DEFAULTS, no_fisher, doc=__doc__)
+METHOD = Method("dare", from_sweep(sweep), DEFAULTS, no_fisher, doc=__doc__, sweep=sweep)

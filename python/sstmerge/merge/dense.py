@@ -6,15 +6,24 @@ and ``dS`` (built from the factors block by block) and written into one [O, I] f
 statistics a rule needs (TIES' magnitude cut, fisher_avg's mean Fisher) are computed first in a
 streaming pass (:func:`kth_largest_abs`: exact, by a histogram of fp32 bit patterns).
 
-The dense result is then factored (``rank``):
+Every method is run over a sweep of strengths alpha at once (:func:`run_dense`): the layer's global
+statistics are computed once for all alphas, and for the methods whose merge moves linearly from dU
+to an alpha-independent target M (TIES, DARE: ``D(α) = dU + α (M - dU)``) the dense M is built and
+its range found once per layer (:func:`toward_factors`); fisher_avg's rule is not linear in alpha
+and builds D(α) per alpha, one at a time in the same buffer.
+
+The dense result is factored (``rank``):
   * ``"auto"`` (default): rank ``k = r_U + r_S`` by a randomized SVD (range finder with
     ``p = OVERSAMPLE`` extra columns and ``POWER_ITERS`` power iterations, on the weights' device):
     ``Q = orth(D Ω)``, ``Q^T D = U s V^T``, ``B = Q U_k diag(s_k)``, ``A = V_k^T``. ``B A`` is the
     orthogonal projection of D onto span(Q U_k), so the reported residual
-    ``||D - B A||_F / ||D||_F = sqrt(||D||_F^2 - sum s_k^2) / ||D||_F`` is exact;
+    ``||D - B A||_F / ||D||_F = sqrt(||D||_F^2 - sum s_k^2) / ||D||_F`` is exact. For
+    ``D(α) = (1 - α) dU + α M`` the range is ``Q = orth[B_U, Q_M]`` with ``Q_M`` the range of M:
+    it holds dU exactly (α = 0 gives dU to round-off), and ``Q^T D(α) = (1-α) (Q^T B_U) A_U + α Q^T M``
+    costs one pass over M for all alphas; ``||D(α)||² = ||Q^T D(α)||² + α² (||M||² - ||Q^T M||²)``;
   * an int ``k``: the same with that rank;
   * ``"full"`` (or None): every singular value above round-off by a full SVD
-    (:func:`sstmerge.merge.core.factor_dense`); the adapter can then be ~min(O, I) wide.
+    (:func:`sstmerge.merge.core.factor_dense`) of each D(α); the adapter can then be ~min(O, I) wide.
 """
 
 from __future__ import annotations
@@ -97,59 +106,120 @@ def kth_largest_abs(block: Callable[[int, int], Tensor], O: int, I: int, k: int)
     return float(torch.sort(v, descending=True).values[k - above - 1])
 
 
-def randomized_factors(D: Tensor, k: int, gen: torch.Generator) -> tuple[LayerFactors, dict]:
-    """Rank-k factors of D by a randomized SVD (module docstring); the residual is exact."""
-    O, I = D.shape
-    total = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
-    if total == 0.0:
-        return LayerFactors(D.new_zeros(O, 0).cpu(), D.new_zeros(0, I).cpu()), {"rank": 0, "residual_rel": 0.0}
-    ell = min(k + OVERSAMPLE, O, I)
-    omega = torch.randn(I, ell, generator=gen, dtype=torch.float32).to(D.device)
-    Q = torch.linalg.qr(D @ omega).Q                      # [O, ell]
-    for _ in range(POWER_ITERS):                          # subspace iteration, re-orthonormalised
+def range_finder(D: Tensor, ell: int, gen: torch.Generator) -> Tensor:
+    """An orthonormal [O, ell] basis approximating the dominant column space of D (Halko et al. 2011,
+    alg. 4.4: Gaussian test matrix, POWER_ITERS re-orthonormalised subspace iterations)."""
+    omega = torch.randn(D.shape[1], ell, generator=gen, dtype=torch.float32).to(D.device)
+    Q = torch.linalg.qr(D @ omega).Q
+    for _ in range(POWER_ITERS):
         Q = torch.linalg.qr(D @ torch.linalg.qr(D.T @ Q).Q).Q
-    C = (Q.T @ D).double()                                # [ell, I]
+    return Q
+
+
+def _factors_from(Q: Tensor, C: Tensor, total: float, k: int) -> tuple[LayerFactors, dict]:
+    """Rank-k factors of the projection ``Q C`` (C = Q^T D, fp64) of a D with ``||D||² = total``."""
     U, s, Vh = torch.linalg.svd(C, full_matrices=False)
     k = min(k, int((s > 0).sum()))
     B = (Q.double() @ (U[:, :k] * s[:k])).float()
     A = Vh[:k].float()
     kept = float(s[:k].pow(2).sum())
-    residual = math.sqrt(max(total - kept, 0.0) / total)
+    residual = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
     return LayerFactors(B.contiguous().cpu(), A.contiguous().cpu()), {"rank": k, "residual_rel": residual}
 
 
-def run_dense(ctx: Context, desc: str, rule: Callable, rank, prepare: Callable | None = None):
-    """``rule(name, r0, r1, dU_rows, dS_rows, stats) -> (merged_rows, info_rows)`` per row block;
-    ``prepare(name, deltas) -> stats`` (global statistics) once per layer; ``info_rows``: dict of
-    sums that are added over blocks (e.g. for means)."""
+def _zero(O: int, I: int) -> tuple[LayerFactors, dict]:
+    return LayerFactors(torch.zeros(O, 0), torch.zeros(0, I)), {"rank": 0, "residual_rel": 0.0}
+
+
+def randomized_factors(D: Tensor, k: int, gen: torch.Generator) -> tuple[LayerFactors, dict]:
+    """Rank-k factors of D by a randomized SVD (module docstring); the residual is exact."""
+    O, I = D.shape
+    total = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
+    if total == 0.0:
+        return _zero(O, I)
+    Q = range_finder(D, min(k + OVERSAMPLE, O, I), gen)
+    return _factors_from(Q, (Q.T @ D).double(), total, k)
+
+
+def toward_factors(dl: "Deltas", M: Tensor, alphas, k: int, gen: torch.Generator) -> list[tuple[LayerFactors, dict]]:
+    """Rank-k factors of ``D(α) = (1 - α) dU + α M`` for every alpha from one range of M (module
+    docstring): one range finder and one projection pass over M, then an [m, I] SVD per alpha."""
+    O, I = M.shape
+    normM2 = float(torch.linalg.vector_norm(M, dtype=torch.float64) ** 2)
+    Qm = range_finder(M, min(k + OVERSAMPLE, O, I), gen) if normM2 > 0 else M.new_zeros(O, 0)
+    Q = torch.linalg.qr(torch.cat([dl.uB, Qm], dim=1)).Q               # [O, m], holds span(B_U) exactly
+    PU = (Q.T @ dl.uB).double() @ dl.uA.double()                        # Q^T dU   [m, I]
+    PM = (M.T @ Q).T.double()                                           # Q^T M    [m, I]
+    outside = max(normM2 - float(PM.pow(2).sum()), 0.0)                 # ||(1 - Q Q^T) M||²
+    out = []
+    for a in alphas:
+        C = (1.0 - a) * PU + a * PM
+        total = float(C.pow(2).sum()) + a * a * outside
+        out.append(_factors_from(Q, C, total, k) if total > 0 else _zero(O, I))
+    return out
+
+
+def _blocks_into(D: Tensor, dl: "Deltas", fn: Callable) -> dict:
+    """Fill D by row blocks: ``fn(r0, r1, dU_rows, dS_rows) -> (rows, info)``; the info sums."""
+    O, I = D.shape
+    info: dict = {}
+    for r0, r1 in row_blocks(O, I):
+        rows, part = fn(r0, r1, dl.u(r0, r1), dl.s(r0, r1))
+        D[r0:r1] = rows
+        for key, v in part.items():
+            info[key] = info.get(key, 0.0) + v
+    return {key: (v / (O * I) if key.startswith("mean_") else v) for key, v in info.items()}
+
+
+def run_dense(ctx: Context, desc: str, alphas, rank, *, prepare: Callable | None = None,
+              target: Callable | None = None, rule: Callable | None = None) -> list[tuple[dict, dict]]:
+    """The layers and diagnostics of a dense-delta method at each alpha (in order), one layer at a time.
+
+    ``prepare(name, deltas) -> stats``: the layer's global statistics, once for all alphas. Then either
+    ``target(name, r0, r1, dU_rows, dS_rows, stats) -> (M_rows, info)`` — the alpha-independent merge
+    M, with ``D(α) = dU + α (M - dU)`` — or ``rule(name, alpha, r0, r1, dU_rows, dS_rows, stats) ->
+    (D_rows, info)``, the merged rows at one alpha. ``info``: sums added over the blocks (keys
+    ``mean_*`` are divided by O I)."""
+    if (target is None) == (rule is None):
+        raise TypeError("run_dense: give exactly one of target= and rule=")
     rank = rank_option(rank)
+    alphas = [float(a) for a in alphas]
     device = compute_device()
-    layers, diags = {}, {}
+    layers = [dict() for _ in alphas]
+    diags = [dict() for _ in alphas]
     for name in ctx.iterate(desc):
         u, s = ctx.pair(name)
         dl = Deltas(u, s, device)
         O, I = dl.shape
         stats = prepare(name, dl) if prepare is not None else None
-        D = torch.empty(O, I, dtype=torch.float32, device=device)
-        info: dict = {}
-        for r0, r1 in row_blocks(O, I):
-            rows, part = rule(name, r0, r1, dl.u(r0, r1), dl.s(r0, r1), stats)
-            D[r0:r1] = rows
-            for key, v in part.items():
-                info[key] = info.get(key, 0.0) + v
-        info = {k: (v / (O * I) if k.startswith("mean_") else v) for k, v in info.items()}
-        if rank == "full":
-            f, finfo = factor_dense(D.cpu())
+        k = u.rank + s.rank if rank == "auto" else rank
+        rank_rule = {"rank_rule": "r_U + r_S" if rank == "auto" else "given"} if rank != "full" else {}
+        D = torch.empty(O, I, dtype=torch.float32, device=device)  # the one [O, I] buffer of the layer
+        if target is not None:
+            info = _blocks_into(D, dl, lambda r0, r1, du, ds: target(name, r0, r1, du, ds, stats))
+            if rank == "full":
+                for j, a in enumerate(alphas):  # D(α) row block by row block, into a second buffer
+                    Da = torch.empty_like(D)
+                    _blocks_into(Da, dl, lambda r0, r1, du, ds, M=D: (du + a * (M[r0:r1] - du), {}))
+                    layers[j][name], fi = factor_dense(Da.cpu())
+                    diags[j][name] = {**info, **fi}
+                    del Da
+            else:
+                gen = torch.Generator().manual_seed(ctx.layer_seed(name))
+                for j, (f, fi) in enumerate(toward_factors(dl, D, alphas, k, gen)):
+                    layers[j][name], diags[j][name] = f, {**info, **fi, **rank_rule}
         else:
-            k = u.rank + s.rank if rank == "auto" else rank
-            gen = torch.Generator().manual_seed(ctx.layer_seed(name))
-            f, finfo = randomized_factors(D, k, gen)
-            finfo["rank_rule"] = "r_U + r_S" if rank == "auto" else "given"
-        layers[name] = f
-        diags[name] = {**info, **finfo}
+            for j, a in enumerate(alphas):
+                info = _blocks_into(D, dl, lambda r0, r1, du, ds: rule(name, a, r0, r1, du, ds, stats))
+                if rank == "full":
+                    f, fi = factor_dense(D.cpu())
+                else:  # the same test matrix at every alpha: a sweep equals its single-alpha runs
+                    f, fi = randomized_factors(D, k, torch.Generator().manual_seed(ctx.layer_seed(name)))
+                layers[j][name], diags[j][name] = f, {**info, **fi, **rank_rule}
         del D
-    return layers, {"layers": diags, "rank": rank,
-                    "residual_rel_max": max((d["residual_rel"] for d in diags.values()), default=0.0)}
+    return [(L, {"layers": d, "rank": rank,
+                 "residual_rel_max": max((x["residual_rel"] for x in d.values()), default=0.0)})
+            for L, d in zip(layers, diags)]
 
 
 def trim_top(t: torch.Tensor, density: float) -> torch.Tensor:

@@ -13,7 +13,8 @@ Fisher resolution (``pooled``): by default a ``diag_pool`` Fisher — exact for 
 POOL_MAX_ENTRIES (2^20) weights, tile means for larger ones (Qwen2.5-14B: 2x2 to 8x8 tiles; the
 exact [O, I] Fishers would be ~53 GB per role); ``pooled=False`` asks for the exact ``diag``.
 An exact ``diag`` result is used whenever it is given. The rule runs on row blocks; the result is
-factored at rank ``r_U + r_S`` by default (``rank``: see :mod:`sstmerge.merge.dense`).
+factored at rank ``r_U + r_S`` by default (a sweep reads the Fisher once per layer and builds
+D(α) per alpha) (``rank``: see :mod:`sstmerge.merge.dense`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..fisher.restrict import tile_counts
-from .core import Context, Method
+from .core import Context, Method, from_sweep
 from .dense import run_dense
 from .fisher_inputs import DiagLayer
 
@@ -38,7 +39,7 @@ def _fisher(opts):
     return [("utility", kind), ("safety", kind)]
 
 
-def run(ctx: Context, alpha: float, *, eps: float = 1e-6, rank="auto", pooled: bool = True):
+def sweep(ctx: Context, alphas, *, eps: float = 1e-6, rank="auto", pooled: bool = True):
     if ctx.fisher is None:
         raise InputError("fisher_avg needs the diag Fisher of both objectives: pass --fisher DIR or --safety-data/--utility-data")
     kinds = _kinds({"pooled": pooled})
@@ -57,7 +58,7 @@ def run(ctx: Context, alpha: float, *, eps: float = 1e-6, rank="auto", pooled: b
             raise InputError(f"fisher_avg: both Fishers are zero in layer {name}; no gradient reached it (check the Fisher data)")
         return FU, FS, eps * ref
 
-    def rule(name, r0, r1, dU, dS, st):
+    def rule(name, alpha, r0, r1, dU, dS, st):
         FU, FS, floor = st
         FUe = FU.rows(r0, r1).to(dU.device) + floor
         w = alpha * FS.rows(r0, r1).to(dU.device)
@@ -66,7 +67,7 @@ def run(ctx: Context, alpha: float, *, eps: float = 1e-6, rank="auto", pooled: b
         return merged, {"mean_safety_weight": float(share.sum(dtype=torch.float64)),
                         **({"fisher_tiles": FU.po * FU.pi} if r0 == 0 else {})}
 
-    return run_dense(ctx, "fisher_avg", rule, rank, prepare)
+    return run_dense(ctx, "fisher_avg", alphas, rank, prepare=prepare, rule=rule)
 
 
-METHOD = Method("fisher_avg", run, DEFAULTS, _fisher, doc=__doc__)
+METHOD = Method("fisher_avg", from_sweep(sweep), DEFAULTS, _fisher, doc=__doc__, sweep=sweep)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import orth
 from ..errors import InputError
 from .core import Context, Method, no_fisher, stack
 

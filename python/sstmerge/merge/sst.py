@@ -47,7 +47,7 @@ import torch
 
 from ..adapters import joint_layer
 from ..errors import InputError
-from .core import Context, Method, factor_small, in_subspace
+from .core import Context, Method, factor_small, from_sweep, in_subspace
 from ..fisher.restrict import restrict_diag
 from .fisher_inputs import diag_restricted, kfac_block, subspace_block
 
@@ -135,12 +135,14 @@ def weights(lam: torch.Tensor, alpha: float, rule: str, threshold: float, topk: 
     return w.reshape(lam.shape), branch.reshape(lam.shape)
 
 
-def _layer(ctx: Context, name: str, alpha: float, FUr, FSr, rule, curvature, gamma, threshold, topk, rank):
+def _pencil(ctx: Context, name: str, FUr, FSr, curvature, gamma) -> dict:
+    """The alpha-independent part of one layer: joint subspace, generalized eigenpairs (λ flat),
+    both updates' eigen-coordinates, and ``to_M(y)`` mapping coordinates back to M [m_o, m_i]."""
     u, s = ctx.pair(name)
     q_in, q_out = joint_layer(u, s)
     m_i, m_o = q_in.shape[1], q_out.shape[1]
     MU, MS = in_subspace(u, q_in, q_out), in_subspace(s, q_in, q_out)
-    diag = {"m_in": int(m_i), "m_out": int(m_o), "curvature": curvature, "rule": rule}
+    diag = {"m_in": int(m_i), "m_out": int(m_o), "curvature": curvature}
     if curvature in ("exact", "diag"):
         if curvature == "exact":
             FU = subspace_block(FUr, name, q_in, q_out, "utility Fisher")
@@ -152,12 +154,11 @@ def _layer(ctx: Context, name: str, alpha: float, FUr, FSr, rule, curvature, gam
         g = _damping(FU, FS, gamma, name, "subspace")
         FUd = FU + g * torch.eye(FU.shape[0], dtype=FU.dtype)
         lam, V = gen_eig(FS, FUd, name)
-        cU, cS = MU.reshape(-1), MS.reshape(-1)
-        yU, yS = V.T @ (FUd @ cU), V.T @ (FUd @ cS)
-        w, branch = weights(lam, alpha, rule, threshold, topk)
-        y = (1 - w) * yU + w * yS
-        M = (V @ y).reshape(m_o, m_i)
+        yU, yS = V.T @ (FUd @ MU.reshape(-1)), V.T @ (FUd @ MS.reshape(-1))
         diag["gamma_abs"] = g
+
+        def to_M(y):
+            return (V @ y).reshape(m_o, m_i)
     else:
         AU, GU = kfac_block(FUr, name, q_in, q_out, "utility Fisher")
         AS, GS = kfac_block(FSr, name, q_in, q_out, "safety Fisher")
@@ -173,18 +174,26 @@ def _layer(ctx: Context, name: str, alpha: float, FUr, FSr, rule, curvature, gam
             GUd = torch.eye(m_o, dtype=AU.dtype)
             lamG, VG = torch.ones(m_o, dtype=AU.dtype), torch.eye(m_o, dtype=AU.dtype)
             diag["gamma_abs"] = {"input": gA}
-        lam = torch.outer(lamG, lamA)  # [m_o, m_i]
-        YU = VG.T @ GUd @ MU @ AUd @ VA
-        YS = VG.T @ GUd @ MS @ AUd @ VA
-        w, branch = weights(lam, alpha, rule, threshold, topk)
-        Y = (1 - w) * YU + w * YS
-        M = VG @ Y @ VA.T
-        yU, yS, y = YU.reshape(-1), YS.reshape(-1), Y.reshape(-1)
-        lam, w, branch = lam.reshape(-1), w.reshape(-1), branch.reshape(-1)
+        lam = torch.outer(lamG, lamA).reshape(-1)  # λ_{jk} = λ_G,j λ_A,k, row-major like vec(M)
+        yU = (VG.T @ GUd @ MU @ AUd @ VA).reshape(-1)
+        yS = (VG.T @ GUd @ MS @ AUd @ VA).reshape(-1)
+
+        def to_M(y):
+            return VG @ y.reshape(m_o, m_i) @ VA.T
+    return {"q_in": q_in, "q_out": q_out, "lam": lam, "yU": yU, "yS": yS, "to_M": to_M, "diag": diag}
+
+
+def _at(p: dict, name: str, alpha: float, rule, threshold, topk, rank):
+    """One layer's factors and diagnostics at strength alpha, from its pencil."""
+    lam, yU, yS = p["lam"], p["yU"], p["yS"]
+    w, branch = weights(lam, alpha, rule, threshold, topk)
+    y = (1 - w) * yU + w * yS
+    M = p["to_M"](y)
     if not torch.isfinite(M).all():
         raise InputError(f"sst: layer {name} produced NaN/Inf (Fisher ill-conditioned); raise gamma")
-    f, info = factor_small(q_out, M, q_in, rank)
+    f, info = factor_small(p["q_out"], M, p["q_in"], rank)
     # --- diagnostics
+    diag = {**p["diag"], "rule": rule}
     al = alpha * lam
     present_u = yU.abs() > PRESENT_RTOL * max(float(yU.abs().max()) if yU.numel() else 0.0, 1e-300)
     present_s = yS.abs() > PRESENT_RTOL * max(float(yS.abs().max()) if yS.numel() else 0.0, 1e-300)
@@ -216,9 +225,9 @@ def _layer(ctx: Context, name: str, alpha: float, FUr, FSr, rule, curvature, gam
     return f, diag
 
 
-def run(ctx: Context, alpha: float, *, rule: str = DEFAULTS["rule"], curvature: str = DEFAULTS["curvature"],
-        gamma: float = DEFAULTS["gamma"], threshold: float = DEFAULTS["threshold"], topk: int | None = None,
-        rank: int | None = None):
+def sweep(ctx: Context, alphas, *, rule: str = DEFAULTS["rule"], curvature: str = DEFAULTS["curvature"],
+          gamma: float = DEFAULTS["gamma"], threshold: float = DEFAULTS["threshold"], topk: int | None = None,
+          rank: int | None = None):
     if rule not in RULES:
         raise InputError(f"sst: rule must be one of {RULES}, got {rule!r}")
     if curvature not in CURVATURES:
@@ -238,16 +247,22 @@ def run(ctx: Context, alpha: float, *, rule: str = DEFAULTS["rule"], curvature: 
     else:
         FUr = ctx.fisher.get("utility", kind, "sst")
         FSr = ctx.fisher.get("safety", kind, "sst")
-    layers, diags = {}, {}
+    alphas = [float(a) for a in alphas]
+    layers, diags = [{} for _ in alphas], [{} for _ in alphas]
     for name in ctx.iterate("sst"):
-        layers[name], diags[name] = _layer(ctx, name, alpha, FUr, FSr, rule, curvature, gamma, threshold, topk, rank)
-    total = {
+        p = _pencil(ctx, name, FUr, FSr, curvature, gamma)  # once per layer for all alphas
+        for j, a in enumerate(alphas):
+            layers[j][name], diags[j][name] = _at(p, name, a, rule, threshold, topk, rank)
+    return [(L, {"summary": _summary(d), "layers": d}) for L, d in zip(layers, diags)]
+
+
+def _summary(diags: dict) -> dict:
+    return {
         "layers_total": len(diags),
         "kept_rank_total": sum(d["kept_rank"] for d in diags.values()),
         "conflicts_total": sum(d["conflicts"]["count"] for d in diags.values()),
         "resolved_total": {k: sum(d["conflicts"]["resolved"][k] for d in diags.values()) for k in ("safety", "utility", "ratio")},
     }
-    return layers, {"summary": total, "layers": diags}
 
 
-METHOD = Method("sst", run, DEFAULTS, _fisher, doc=__doc__)
+METHOD = Method("sst", from_sweep(sweep), DEFAULTS, _fisher, doc=__doc__, sweep=sweep)
