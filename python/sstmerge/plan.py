@@ -1,7 +1,8 @@
 """`python -m sstmerge.exp1 --model M --plan`: each stage's peak GPU memory, host memory, disk and
 time, from the model's shapes (config.json or the registry's SHAPES; no weights loaded). The
 arithmetic is the one written out in docs/models.md, section "Planning a run"; the names below
-follow it. CPU merge times use per-entry costs measured here on a synthetic layer (calibrate()).
+follow it. CPU merge times are measured here: each method's sweep on a synthetic layer of every
+distinct shape of the model (calibrate_shapes()).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def eval_bytes(shape: ModelShape, a: Assumptions) -> dict:
 
 # --------------------------------------------------------------------------- CPU merge costs
 
-def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: int = 0, n_alphas: int = 5) -> dict:
+def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: int = 0, n_alphas: int = 5,
+              repeats: int = 3) -> dict:
     """Seconds per weight entry of each dense-delta method, and seconds per layer of the others, for
     a sweep of ``n_alphas`` alphas (the way exp1 runs them: :func:`sstmerge.merge.merge_sweep`),
     measured by running the methods' own code on one synthetic layer with random r-rank adapters
@@ -162,18 +164,40 @@ def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: in
     for m, spec in METHODS.items():
         opts = dict(spec.defaults)
         spec.run(ctx, 0.5, **opts)  # warm-up
-        t0 = time.perf_counter()
-        spec.run_sweep(ctx, alphas, **opts)
-        dt = time.perf_counter() - t0
+        dt = float("inf")
+        for _ in range(repeats):  # the fastest of a few: a shared 2-core VM's timings are noisy
+            t0 = time.perf_counter()
+            spec.run_sweep(ctx, alphas, **opts)
+            dt = min(dt, time.perf_counter() - t0)
         dense = m in ("ties", "dare", "fisher_avg")
         out[m] = {"per_entry_s" if dense else "per_layer_s": dt / (O * I) if dense else dt}
     return out
 
 
+def calibrate_shapes(shapes, rank: int = 16, n_alphas: int = 5, seed: int = 0) -> dict:
+    """:func:`calibrate` at every distinct [O, I] of ``shapes`` (the per-entry cost of the dense
+    methods falls with the layer's size: fixed per-block and QR costs), as ``{"n_alphas", "by_shape":
+    {"OxI": {method: seconds per layer for the sweep}}}``; large layers are timed once, small ones
+    the fastest of three. ~1 min for a 7-14B model on 2 cores."""
+    by_shape = {}
+    for o, i in sorted(set(shapes)):
+        c = calibrate((o, i), rank=rank, seed=seed, n_alphas=n_alphas, repeats=1 if o * i >= 1 << 24 else 3)
+        by_shape[f"{o}x{i}"] = {m: v["per_entry_s"] * o * i if "per_entry_s" in v else v["per_layer_s"]
+                                for m, v in c.items() if m != "n_alphas"}
+    return {"n_alphas": n_alphas, "by_shape": by_shape}
+
+
 def merge_cpu_seconds(shapes, costs: dict, n_alphas: int) -> dict[str, float]:
-    """Per method, the whole alpha sweep: sum over layers of (per-entry cost x O I, or per-layer cost)."""
+    """Per method, the whole alpha sweep: sum over layers of the layer's measured seconds
+    (``by_shape``), or of per-entry cost x O I / per-layer cost (one calibration shape)."""
     if costs.get("n_alphas") != n_alphas:
         raise ValueError(f"merge costs were calibrated for {costs.get('n_alphas')} alphas, the grid has {n_alphas}")
+    if "by_shape" in costs:
+        out: dict[str, float] = {}
+        for o, i in shapes:
+            for m, sec in costs["by_shape"][f"{o}x{i}"].items():
+                out[m] = out.get(m, 0.0) + sec
+        return out
     out = {}
     for m, c in costs.items():
         if m == "n_alphas":
@@ -213,7 +237,7 @@ def make_plan(model: str, a: Assumptions | None = None, costs: dict | None = Non
     ins = adapter_bytes(shapes, [r] * len(shapes))
     merged_rank = {m: (2 * r) for m in ("sst", "task_arithmetic", "ties", "dare", "fisher_avg", "regmean", "safe_lora", "safemerge")}
     fisher = fisher_file_bytes(shapes, r)
-    costs = costs if costs is not None else calibrate(rank=r, n_alphas=a.n_alphas)
+    costs = costs if costs is not None else calibrate_shapes(shapes, rank=r, n_alphas=a.n_alphas)
     cpu = merge_cpu_seconds(shapes, costs, a.n_alphas)
     fpass = fisher_pass_bytes(shape, a)
     P = shape.params()
