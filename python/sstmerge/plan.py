@@ -177,11 +177,12 @@ def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: in
 def calibrate_shapes(shapes, rank: int = 16, n_alphas: int = 5, seed: int = 0) -> dict:
     """:func:`calibrate` at every distinct [O, I] of ``shapes`` (the per-entry cost of the dense
     methods falls with the layer's size: fixed per-block and QR costs), as ``{"n_alphas", "by_shape":
-    {"OxI": {method: seconds per layer for the sweep}}}``; large layers are timed once, small ones
-    the fastest of three. ~1 min for a 7-14B model on 2 cores."""
+    {"OxI": {method: seconds per layer for the sweep}}}``; the fastest of two timings for large layers,
+    of three for small ones (one timing of a large layer varies by up to ±25 % on a shared 2-core VM).
+    ~2 min for a 7-14B model on 2 cores."""
     by_shape = {}
     for o, i in sorted(set(shapes)):
-        c = calibrate((o, i), rank=rank, seed=seed, n_alphas=n_alphas, repeats=1 if o * i >= 1 << 24 else 3)
+        c = calibrate((o, i), rank=rank, seed=seed, n_alphas=n_alphas, repeats=2 if o * i >= 1 << 24 else 3)
         by_shape[f"{o}x{i}"] = {m: v["per_entry_s"] * o * i if "per_entry_s" in v else v["per_layer_s"]
                                 for m, v in c.items() if m != "n_alphas"}
     return {"n_alphas": n_alphas, "by_shape": by_shape}
