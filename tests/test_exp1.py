@@ -117,9 +117,7 @@ def test_tax_and_verdicts_recomputed_from_the_per_item_records(quick_run):
 
 
 def test_reevaluating_the_baseline_reproduces_its_records(quick_run):
-    from peft import PeftModel
-
-    from sstmerge import eval as ev
+    from sstmerge.eval.fused import FusedAdapters
     from sstmerge.models import load_model
     from sstmerge import worlds
 
@@ -127,7 +125,13 @@ def test_reevaluating_the_baseline_reproduces_its_records(quick_run):
     cfg = json.loads((out / "results.json").read_text())["provenance"]["config"]
     w = worlds.ensure("tiny", progress=False)
     model, tok = load_model(w.base_model)
-    model = PeftModel.from_pretrained(model, w.utility_adapter).eval()
+    with FusedAdapters(model) as fuse, fuse(w.utility_adapter):  # the way exp1 applies adapters
+        _reevaluate(out, cfg, w, model.eval(), tok)
+
+
+def _reevaluate(out, cfg, w, model, tok):
+    from sstmerge import eval as ev
+
     harmful = ev.load_items("refusal", w.harmful_test)[: cfg["harmful_n"]]
     again = ev.evaluate_refusal(model, tok, [r["prompt"] for r in harmful], ids=[r["id"] for r in harmful],
                                 max_new_tokens=cfg["max_new_tokens"], batch_size=7)

@@ -23,6 +23,7 @@ results file is written (the research note this project grew from fell back sile
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -312,16 +313,19 @@ def evaluate_models(cfg: Config, prep: Prepared, adapters: dict[str, str | None]
     """Per-item records of every model: {key: {"safety": [...], "over_refusal": [...], "utility": [...]}}.
 
     ``adapters`` maps a model key to a peft adapter dir, or None for the base model alone. The base is
-    loaded once; each adapter is wrapped around it, evaluated, and unloaded again.
+    loaded once; each adapter is fused into its weights, evaluated, and the weights restored exactly
+    (:mod:`sstmerge.eval.fused`: ~30 % faster than a peft wrapper on a CPU, the same function up to
+    one rounding of each fused weight).
     """
     from tqdm.auto import tqdm
 
     from . import eval as ev
+    from .eval.fused import FusedAdapters
     from .models import load_model
 
     items_key = {"harmful": [r["id"] for r in prep.harmful], "benign": [r["id"] for r in prep.benign],
                  "mmlu": [r["id"] for r in prep.mmlu], "hashes": prep.hashes, "k_shot": cfg.k_shot,
-                 "max_new_tokens": cfg.max_new_tokens}
+                 "max_new_tokens": cfg.max_new_tokens, "adapters_applied": "fused"}
     loaded = {}
 
     def base_model():
@@ -334,25 +338,20 @@ def evaluate_models(cfg: Config, prep: Prepared, adapters: dict[str, str | None]
         adapter_hash = file_sha256(adapter) if adapter else None
 
         def run(adapter=adapter):
-            from peft import PeftModel
-
             model, tok = base_model()
-            wrapped = PeftModel.from_pretrained(model, adapter) if adapter else model
-            wrapped.eval()
-            try:
+            if "fuse" not in loaded:
+                loaded["fuse"] = FusedAdapters(model, backend=cfg.backend)
+            with loaded["fuse"](adapter) if adapter else contextlib.nullcontext(model) as m:
+                m.eval()
                 kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-                rec = {
-                    "safety": ev.evaluate_refusal(wrapped, tok, [r["prompt"] for r in prep.harmful],
+                return {
+                    "safety": ev.evaluate_refusal(m, tok, [r["prompt"] for r in prep.harmful],
                                                   ids=[r["id"] for r in prep.harmful], **kw),
-                    "over_refusal": ev.evaluate_refusal(wrapped, tok, [r["prompt"] for r in prep.benign],
+                    "over_refusal": ev.evaluate_refusal(m, tok, [r["prompt"] for r in prep.benign],
                                                         ids=[r["id"] for r in prep.benign], **kw),
-                    "utility": ev.evaluate_mmlu(wrapped, tok, prep.mmlu, k_shot=cfg.k_shot,
+                    "utility": ev.evaluate_mmlu(m, tok, prep.mmlu, k_shot=cfg.k_shot,
                                                 dev_items=prep.mmlu_dev, batch_size=cfg.batch_size),
                 }
-            finally:
-                if adapter:
-                    loaded["m"] = wrapped.unload()
-            return rec
 
         def build(tmp: Path, run=run):
             for part, rows in run().items():
