@@ -9,19 +9,25 @@ streaming pass (:func:`kth_largest_abs`: exact, by a histogram of fp32 bit patte
 Every method is run over a sweep of strengths alpha at once (:func:`run_dense`): the layer's global
 statistics are computed once for all alphas, and for the methods whose merge moves linearly from dU
 to an alpha-independent target M (TIES, DARE: ``D(α) = dU + α (M - dU)``) the dense M is built and
-its range found once per layer (:func:`toward_factors`); fisher_avg's rule is not linear in alpha
-and builds D(α) per alpha, one at a time in the same buffer.
+its range found once per layer (:func:`toward_factors`); fisher_avg's rule is not linear in alpha,
+and its sweep shares one range instead (:func:`rule_factors`): D(REF_ALPHA) is built once and its
+range found, and one more pass over the row blocks projects every D(α) onto it while the rows are
+in cache (the α-independent parts of a block — dU, dS, the Fishers' rows — computed once).
 
 The dense result is factored (``rank``):
   * ``"auto"`` (default): rank ``k = r_U + r_S`` by a randomized SVD (range finder with
-    ``p = OVERSAMPLE`` extra columns and POWER_ITERS power iterations for a range shared by the
-    sweep, POWER_ITERS_PER_ALPHA for one built per alpha; on the weights' device):
+    ``p = OVERSAMPLE`` extra columns and POWER_ITERS power iterations, REF_POWER_ITERS for a
+    rule's reference range; on the weights' device):
     ``Q = orth(D Ω)``, ``Q^T D = U s V^T``, ``B = Q U_k diag(s_k)``, ``A = V_k^T``. ``B A`` is the
     orthogonal projection of D onto span(Q U_k), so the reported residual
     ``||D - B A||_F / ||D||_F = sqrt(||D||_F^2 - sum s_k^2) / ||D||_F`` is exact. For
     ``D(α) = (1 - α) dU + α M`` the range is ``Q = orth[B_U, Q_M]`` with ``Q_M`` the range of M:
     it holds dU exactly (α = 0 gives dU to round-off), and ``Q^T D(α) = (1-α) (Q^T B_U) A_U + α Q^T M``
-    costs one pass over M for all alphas; ``||D(α)||² = ||Q^T D(α)||² + α² (||M||² - ||Q^T M||²)``;
+    costs one pass over M for all alphas; ``||D(α)||² = ||Q^T D(α)||² + α² (||M||² - ||Q^T M||²)``.
+    For a rule not linear in α the range is ``Q = orth[B_U, B_S, Q_ref]`` with ``Q_ref`` the range of
+    D(REF_ALPHA): exact at α = 0 (dU) and where the rule returns dS, within 2 % of the Eckart-Young
+    optimum for fisher_avg at α in [1/4, 4] on a layer with Kronecker-like log-normal Fishers
+    (a range per alpha would cost 4 passes over D(α) instead of one);
   * an int ``k``: the same with that rank;
   * ``"full"`` (or None): every singular value above round-off by a full SVD
     (:func:`sstmerge.merge.core.factor_dense`) of each D(α); the adapter can then be ~min(O, I) wide.
@@ -42,11 +48,14 @@ from .core import Context, LayerFactors, factor_dense
 #: a rule stay in cache; measured 2.5x faster than 16 MB blocks for TIES on a 2048 x 4096 layer).
 ROW_BLOCK_ENTRIES = 1 << 18
 OVERSAMPLE = 10
-#: power iterations of the range finder: 2 where one range serves the whole sweep (TIES, DARE), 1
-#: where each alpha needs its own (fisher_avg: 4 instead of 6 passes over D; its error stays within
-#: 2 % of the Eckart-Young optimum on the tests' layers, and the exact residual is reported)
+#: power iterations of the range finder: 2 for TIES' and DARE's range of M; 1 for a rule's reference
+#: range, which B_U and B_S join (0 there was 1.5x the Eckart-Young error on a layer with
+#: Kronecker-like Fishers, 1 is within 2 %: tests/test_merge.py; the exact residual is reported)
 POWER_ITERS = 2
-POWER_ITERS_PER_ALPHA = 1
+REF_POWER_ITERS = 1
+#: the alpha whose range a rule's sweep shares (:func:`rule_factors`): fixed, so a sweep equals its
+#: single-alpha runs
+REF_ALPHA = 1.0
 
 
 def rank_option(rank) -> int | str:
@@ -136,19 +145,6 @@ def _zero(O: int, I: int) -> tuple[LayerFactors, dict]:
     return LayerFactors(torch.zeros(O, 0), torch.zeros(0, I)), {"rank": 0, "residual_rel": 0.0}
 
 
-def randomized_factors(D: Tensor, k: int, gen: torch.Generator, total: float | None = None,
-                       power_iters: int = POWER_ITERS) -> tuple[LayerFactors, dict]:
-    """Rank-k factors of D by a randomized SVD (module docstring); the residual is exact.
-    ``total``: ||D||_F^2 when known (:func:`_blocks_into` sums it while D is written)."""
-    O, I = D.shape
-    if total is None:
-        total = _sumsq(D)
-    if total == 0.0:
-        return _zero(O, I)
-    Q = range_finder(D, min(k + OVERSAMPLE, O, I), gen, power_iters)
-    return _factors_from(Q, (D.T @ Q).T.double(), total, k)  # D^T Q: ~30 % faster than Q^T D on CPU
-
-
 def toward_factors(dl: "Deltas", M: Tensor, alphas, k: int, gen: torch.Generator,
                    normM2: float | None = None) -> list[tuple[LayerFactors, dict]]:
     """Rank-k factors of ``D(α) = (1 - α) dU + α M`` for every alpha from one range of M (module
@@ -166,6 +162,31 @@ def toward_factors(dl: "Deltas", M: Tensor, alphas, k: int, gen: torch.Generator
         C = (1.0 - a) * PU + a * PM
         total = float(C.pow(2).sum()) + a * a * outside
         out.append(_factors_from(Q, C, total, k) if total > 0 else _zero(O, I))
+    return out
+
+
+def rule_factors(dl: "Deltas", rule: Callable, alphas, k: int, gen: torch.Generator,
+                 D: Tensor) -> list[tuple[LayerFactors, dict]]:
+    """Rank-k factors of ``D(α)`` for every alpha from one shared range (module docstring), for a
+    ``rule(alphas, r0, r1, dU_rows, dS_rows) -> [(D_rows, info) per alpha]``; ``D`` is the layer's
+    [O, I] buffer (it holds D(REF_ALPHA) while its range is found)."""
+    O, I = D.shape
+    _, ref_total = _blocks_into(D, dl, lambda r0, r1, du, ds: rule([REF_ALPHA], r0, r1, du, ds)[0])
+    Qr = range_finder(D, min(k + OVERSAMPLE, O, I), gen, REF_POWER_ITERS) if ref_total > 0 else D.new_zeros(O, 0)
+    Q = torch.linalg.qr(torch.cat([dl.uB, dl.sB, Qr], dim=1)).Q          # [O, m]
+    Ct = [torch.zeros(I, Q.shape[1], dtype=torch.float32, device=D.device) for _ in alphas]  # D(α)^T Q
+    totals = [0.0] * len(alphas)
+    infos: list[dict] = [{} for _ in alphas]
+    for r0, r1 in row_blocks(O, I):
+        for j, (rows, part) in enumerate(rule(alphas, r0, r1, dl.u(r0, r1), dl.s(r0, r1))):
+            Ct[j].addmm_(rows.T, Q[r0:r1])  # summed in fp32 over the blocks, as one GEMM D^T Q would
+            totals[j] += _sumsq(rows)
+            for key, v in part.items():
+                infos[j][key] = infos[j].get(key, 0.0) + v
+    out = []
+    for Cj, total, info in zip(Ct, totals, infos):
+        f, fi = _factors_from(Q, Cj.T.double(), total, k) if total > 0 else _zero(O, I)
+        out.append((f, {**{key: (v / (O * I) if key.startswith("mean_") else v) for key, v in info.items()}, **fi}))
     return out
 
 
@@ -196,9 +217,9 @@ def run_dense(ctx: Context, desc: str, alphas, rank, *, prepare: Callable | None
 
     ``prepare(name, deltas) -> stats``: the layer's global statistics, once for all alphas. Then either
     ``target(name, r0, r1, dU_rows, dS_rows, stats) -> (M_rows, info)`` — the alpha-independent merge
-    M, with ``D(α) = dU + α (M - dU)`` — or ``rule(name, alpha, r0, r1, dU_rows, dS_rows, stats) ->
-    (D_rows, info)``, the merged rows at one alpha. ``info``: sums added over the blocks (keys
-    ``mean_*`` are divided by O I)."""
+    M, with ``D(α) = dU + α (M - dU)`` — or ``rule(name, alphas, r0, r1, dU_rows, dS_rows, stats) ->
+    [(D_rows, info) per alpha]``, the merged rows at each alpha (the block's alpha-independent work
+    done once). ``info``: sums added over the blocks (keys ``mean_*`` are divided by O I)."""
     if (target is None) == (rule is None):
         raise TypeError("run_dense: give exactly one of target= and rule=")
     rank = rank_option(rank)
@@ -227,15 +248,16 @@ def run_dense(ctx: Context, desc: str, alphas, rank, *, prepare: Callable | None
                 gen = torch.Generator().manual_seed(ctx.layer_seed(name))
                 for j, (f, fi) in enumerate(toward_factors(dl, D, alphas, k, gen, normM2)):
                     layers[j][name], diags[j][name] = f, {**info, **fi, **rank_rule}
-        else:
+        elif rank == "full":
             for j, a in enumerate(alphas):
-                info, total = _blocks_into(D, dl, lambda r0, r1, du, ds: rule(name, a, r0, r1, du, ds, stats))
-                if rank == "full":
-                    f, fi = factor_dense(D.cpu())
-                else:  # the same test matrix at every alpha: a sweep equals its single-alpha runs
-                    f, fi = randomized_factors(D, k, torch.Generator().manual_seed(ctx.layer_seed(name)), total,
-                                               POWER_ITERS_PER_ALPHA)
-                layers[j][name], diags[j][name] = f, {**info, **fi, **rank_rule}
+                info, _ = _blocks_into(D, dl, lambda r0, r1, du, ds: rule(name, [a], r0, r1, du, ds, stats)[0])
+                layers[j][name], fi = factor_dense(D.cpu())
+                diags[j][name] = {**info, **fi}
+        else:
+            gen = torch.Generator().manual_seed(ctx.layer_seed(name))
+            at = lambda al, r0, r1, du, ds: rule(name, al, r0, r1, du, ds, stats)  # noqa: E731
+            for j, (f, fi) in enumerate(rule_factors(dl, at, alphas, k, gen, D)):
+                layers[j][name], diags[j][name] = f, {**fi, **rank_rule}
         del D
     return [(L, {"layers": d, "rank": rank,
                  "residual_rel_max": max((x["residual_rel"] for x in d.values()), default=0.0)})

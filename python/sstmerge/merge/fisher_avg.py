@@ -13,8 +13,8 @@ Fisher resolution (``pooled``): by default a ``diag_pool`` Fisher — exact for 
 POOL_MAX_ENTRIES (2^20) weights, tile means for larger ones (Qwen2.5-14B: 2x2 to 8x8 tiles; the
 exact [O, I] Fishers would be ~53 GB per role); ``pooled=False`` asks for the exact ``diag``.
 An exact ``diag`` result is used whenever it is given. The rule runs on row blocks; the result is
-factored at rank ``r_U + r_S`` by default (a sweep reads the Fisher once per layer and builds
-D(α) per alpha) (``rank``: see :mod:`sstmerge.merge.dense`).
+factored at rank ``r_U + r_S`` by default, every alpha of a sweep projected onto one range per
+layer (``rank``, the range: see :mod:`sstmerge.merge.dense`).
 """
 
 from __future__ import annotations
@@ -58,14 +58,17 @@ def sweep(ctx: Context, alphas, *, eps: float = 1e-6, rank="auto", pooled: bool 
             raise InputError(f"fisher_avg: both Fishers are zero in layer {name}; no gradient reached it (check the Fisher data)")
         return FU, FS, eps * ref
 
-    def rule(name, alpha, r0, r1, dU, dS, st):
+    def rule(name, alphas, r0, r1, dU, dS, st):
         FU, FS, floor = st
-        FUe = FU.rows(r0, r1).to(dU.device) + floor
-        w = alpha * FS.rows(r0, r1).to(dU.device)
-        share = w / (FUe + w)
-        merged = dU + share * (dS - dU)  # = (FUe dU + w dS) / (FUe + w)
-        return merged, {"mean_safety_weight": float(share.sum(dtype=torch.float64)),
-                        **({"fisher_tiles": FU.po * FU.pi} if r0 == 0 else {})}
+        t = FS.rows(r0, r1).to(dU.device) / (FU.rows(r0, r1).to(dU.device) + floor)  # F_S / (F_U + eps_abs)
+        diff = dS - dU
+        out = []
+        for alpha in alphas:
+            share = (alpha * t).div_(alpha * t + 1.0)  # = alpha F_S / (F_U + eps_abs + alpha F_S)
+            merged = share * diff + dU                 # = (F_U' dU + alpha F_S dS) / (F_U' + alpha F_S)
+            out.append((merged, {"mean_safety_weight": float(share.sum(dim=-1).double().sum()),
+                                 **({"fisher_tiles": FU.po * FU.pi} if r0 == 0 else {})}))
+        return out
 
     return run_dense(ctx, "fisher_avg", alphas, rank, prepare=prepare, rule=rule)
 
