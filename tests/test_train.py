@@ -188,3 +188,28 @@ def test_mmlu_rows_are_the_sequences_evaluation_scores(add_bos):
         assert ids[:-1] == rows[row] and ids[-len(cont):] == cont  # the scored input + continuation
         assert lab[lab != IGNORE].tolist() == cont
         assert (ids[0] == tok.bos_token_id) == add_bos
+
+
+@pytest.mark.parametrize("opening", [0, 2])
+def test_row_mean_loss_against_its_definition(opening):
+    """Each row's mean cross-entropy over its counted tokens (and, with opening=K, half of it plus half
+    the mean over its first K counted tokens), rows weighing the same; fully ignored rows drop out."""
+    from sstmerge.data.batches import IGNORE
+    from sstmerge.train.loop import row_mean_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 7, 11, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 11, (4, 7), generator=gen)
+    labels[0, :3] = IGNORE
+    labels[1, ::2] = IGNORE  # counted tokens with gaps: "first K" means counted ones
+    labels[2] = IGNORE       # no counted token: not a row of the mean
+    labels[3, 1:6] = IGNORE
+    terms = []
+    for b in range(4):
+        ce = [float(torch.nn.functional.cross_entropy(logits[b, t - 1:t], labels[b, t:t + 1]))
+              for t in range(1, 7) if labels[b, t] != IGNORE]
+        if ce:
+            mean = sum(ce) / len(ce)
+            terms.append(mean if not opening else 0.5 * mean + 0.5 * sum(ce[:opening]) / len(ce[:opening]))
+    got = float(row_mean_loss(logits, labels, opening))
+    assert abs(got - sum(terms) / len(terms)) <= 1e-12  # fp64: a handful of ops on O(1) values

@@ -7,7 +7,9 @@ same inputs and seed give the same parameters on the same machine.
 The loss is the mean next-token cross-entropy over the batch's counted tokens (``loss_weighting=
 "token"``, transformers' own), or the mean over rows of each row's mean (``"row"``): every example
 weighs the same whatever its length, so a one-token answer letter is not drowned by 20-token chat
-replies in a mixed batch.
+replies in a mixed batch; or (``"opening"``) each row's ``½ mean over its counted tokens + ½ mean
+over its first OPENING_TOKENS counted tokens``, rows weighing the same: a reply's opening tokens
+("I'm sorry" or "Sure") carry the decision to refuse, which a 40-token answer otherwise dilutes.
 """
 
 from __future__ import annotations
@@ -28,22 +30,30 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-LOSS_WEIGHTINGS = ("token", "row")
+LOSS_WEIGHTINGS = ("token", "row", "opening")
+#: Counted tokens of each row that ``loss_weighting="opening"`` weighs again.
+OPENING_TOKENS = 4
 
 
-def row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def row_mean_loss(logits: torch.Tensor, labels: torch.Tensor, opening: int = 0) -> torch.Tensor:
     """``mean_b [ mean_{t counted in row b} CE(logits[b, t-1], labels[b, t]) ]`` over rows with a counted
-    token (labels ``-100`` do not count), in the logits' dtype."""
+    token (labels ``-100`` do not count), in the logits' dtype; with ``opening = K > 0`` each row's term
+    is ``½ (its mean) + ½ (mean over its first K counted tokens)``."""
     from ..data.batches import IGNORE
 
     lg, lab = logits[:, :-1], labels[:, 1:]
     ce = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lab.reshape(-1), ignore_index=IGNORE,
                                            reduction="none").view(lab.shape)
-    counted = (lab != IGNORE).sum(1)
+    mask = lab != IGNORE
+    counted = mask.sum(1)
     keep = counted > 0
     if not bool(keep.any()):
         raise InputError("a training batch has no counted token")
-    return (ce.sum(1)[keep] / counted[keep]).mean()
+    per_row = ce.sum(1)[keep] / counted[keep]
+    if opening > 0:
+        first = mask & (mask.cumsum(1) <= opening)  # the first K counted positions of each row
+        per_row = 0.5 * per_row + 0.5 * (ce * first).sum(1)[keep] / first.sum(1)[keep]
+    return per_row.mean()
 
 
 def run_steps(model: torch.nn.Module, make_epoch: Callable[[int], Iterator[Mapping[str, torch.Tensor]]], *,
@@ -83,9 +93,10 @@ def run_steps(model: torch.nn.Module, make_epoch: Callable[[int], Iterator[Mappi
                     raise InputError("the training data yields no batches")
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                if loss_weighting == "row":
+                if loss_weighting in ("row", "opening"):
                     labels = batch["labels"]
-                    loss = row_mean_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, labels)
+                    loss = row_mean_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, labels,
+                                         OPENING_TOKENS if loss_weighting == "opening" else 0)
                 else:
                     loss = model(**batch).loss
             if not torch.isfinite(loss):

@@ -37,8 +37,9 @@ def train_lora(model_or_path, rows: Sequence[Mapping], out_dir: str | os.PathLik
     loaded model (then ``tokenizer`` is required; the model is returned to its original state: the
     LoRA layers are removed after saving). rows: all chat rows ``{"messages": [...]}`` (only assistant
     tokens count) and/or MMLU rows (the harness prompt; only the answer letter counts).
-    loss_weighting: ``"token"`` (transformers' mean over tokens) or ``"row"`` (every row weighs the
-    same; :func:`sstmerge.train.loop.run_steps`). save_dtype: cast the LoRA weights to this dtype in the
+    loss_weighting: ``"token"`` (transformers' mean over tokens), ``"row"`` (every row weighs the
+    same) or ``"opening"`` (rows weigh the same, each reply's first tokens once more;
+    :mod:`sstmerge.train.loop`). save_dtype: cast the LoRA weights to this dtype in the
     saved adapter (e.g. fp32 from an fp64 training run); default: as trained.
     Seeded: adapter initialisation and batch order follow ``seed``. Returns ``Path(out_dir)``.
     """
