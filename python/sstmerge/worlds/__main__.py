@@ -14,12 +14,11 @@ shows it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from typing import Sequence
 
-from ..errors import CliParser, InputError, cli_main
+from ..errors import CliParser, cli_main
 from . import WORLDS, World, ensure, module
 
 MODELS = ("base", "utility", "safety", "ta")
