@@ -64,7 +64,8 @@ def sweep(ctx: Context, alphas, *, eps: float = 1e-6, rank="auto", pooled: bool 
         diff = dS - dU
         out = []
         for alpha in alphas:
-            share = (alpha * t).div_(alpha * t + 1.0)  # = alpha F_S / (F_U + eps_abs + alpha F_S)
+            at = alpha * t
+            share = at.div_(at + 1.0)  # = alpha F_S / (F_U + eps_abs + alpha F_S)
             merged = share * diff + dU                 # = (F_U' dU + alpha F_S dS) / (F_U' + alpha F_S)
             out.append((merged, {"mean_safety_weight": float(share.sum(dim=-1).double().sum()),
                                  **({"fisher_tiles": FU.po * FU.pi} if r0 == 0 else {})}))
