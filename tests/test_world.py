@@ -249,10 +249,9 @@ def numbers(built):
 def test_build_time_and_cache(built):
     w, first, second = built
     card = json.loads(w.card.read_text())
-    # recorded when it was built from nothing (one thread: its CPU time is its wall time on an idle
-    # machine). The time itself is a measurement (docs/models.md), not a test: this VM's speed drifts by
-    # 25-30 % from minute to minute, so a bound on it would fail for reasons unrelated to a change.
-    assert {"pretrain_s", "instruct_s", "utility_s", "safety_s", "cpu_s"} <= set(card["timings"]), card["timings"]
+    # recorded when it was built from nothing. The build runs one thread, so its CPU time is its wall
+    # time on an idle machine; wall time on a shared machine depends on the other jobs.
+    assert card["timings"]["cpu_s"] <= 180, card["timings"]
     assert second < 10
     assert 0.3e6 < card["params"] < 2e6
 
