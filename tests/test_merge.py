@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from sstmerge import adapters as ad
+from sstmerge.errors import InputError
 from sstmerge.merge import METHODS, merge, merge_sweep
 from test_merge_world import world  # noqa: F401  (fixture)
 
@@ -484,6 +485,41 @@ def test_sst_reports_and_resolves_conflicts_when_they_overlap(tmp_path):
         FUd = FU + g * torch.eye(FU.shape[0], dtype=FU.dtype)
         c = torch.linalg.solve(FUd + FS, FUd @ MU.reshape(-1) + FS @ MS.reshape(-1))
         assert torch.allclose(M.reshape(-1), c, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 10**6])
+def test_sst_additive_keeps_du_whole_and_adds_the_top_k_safety_components(tmp_path, k):
+    """rule=additive: c = c_U + α Σ_{j in top-k λ} (component of c_S along v_j). With diagonal
+    (exact-curvature) Fisher blocks the generalized eigenvectors are the coordinate axes, so the
+    expected update is c_U plus α c_S on the k coordinates of largest F_S / (F_U + γ); k >= n is
+    task arithmetic, k = 0 the utility update."""
+    base, up, sp, U, S, fisher = _block_world(tmp_path, overlap=True)
+    alpha, gamma = 1.5, 1e-3
+    res = merge("sst", base, up, sp, alpha=alpha, fisher=fisher, curvature="exact", rule="additive", topk=k, gamma=gamma)
+    for name in U.layers:
+        qi, qo = ad.joint_layer(U.layers[name], S.layers[name])
+        MU = qo.T.double() @ U.layers[name].delta().double() @ qi.double()
+        MS = qo.T.double() @ S.layers[name].delta().double() @ qi.double()
+        FU = torch.diagonal(fisher["utility"].tensors[f"{name}.fisher"].double())
+        FS = torch.diagonal(fisher["safety"].tensors[f"{name}.fisher"].double())
+        lam = FS / (FU + gamma * float(FU.sum()) / FU.numel())
+        top = torch.argsort(lam, descending=True)[:min(k, lam.numel())]
+        mask = torch.zeros_like(lam)
+        mask[top] = 1.0
+        want = MU.reshape(-1) + alpha * mask * MS.reshape(-1)
+        got = (qo.T.double() @ res.layers[name].delta() @ qi.double()).reshape(-1)
+        # fp32 factors of an O(1) update: a few fp32 eps of the largest entry
+        assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max())), (name, k)
+        d = res.diagnostics["layers"][name]
+        assert d["rule"] == "additive" and d["dominance"]["safety"] == min(k, lam.numel())
+        if k == 0:
+            assert d["fisher_mass_kept"]["utility"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_sst_additive_and_topk_need_k(world):
+    for rule in ("additive", "topk"):
+        with pytest.raises(InputError, match="needs topk"):
+            merge("sst", world.base, world.utility, world.safety, alpha=1.0, fisher=world.fisher, rule=rule)
 
 
 def test_sst_kfac_and_topk_run_and_rank_option_truncates(world):

@@ -29,6 +29,10 @@ Per target layer:
    * ``"hard"``: ``w = 1`` where safety dominates (``αλ >= threshold``), ``w = 0`` where utility
      dominates (``αλ <= 1/threshold``), the soft weight in between (contested directions);
    * ``"topk"``: ``w = min(α, 1)`` on the ``topk`` directions of largest λ, 0 elsewhere.
+   * ``"additive"``: keep dU whole and add α times the safety update's components along the
+     ``topk`` directions of largest λ (where safety cares most relative to utility):
+     ``y = y_U + α 1[j ∈ top-k] y_S`` — not a convex combination; ``topk = n`` gives
+     ``dU + α dS`` (task arithmetic), ``topk = 0`` gives dU.
    α is the weight of the safety objective; α = 0 gives w = 0 everywhere, i.e. dU (to round-off).
 5. ``M* = V y``; the merged update ``Q_out M* Q_in^T`` is written exactly as factors of rank
    ``rank(M*) <= m_i`` (``rank=k`` truncates M* by SVD and reports the residual).
@@ -51,7 +55,7 @@ from .core import Context, Method, factor_small, from_sweep, in_subspace
 from ..fisher.restrict import restrict_diag
 from .fisher_inputs import diag_restricted, kfac_block, subspace_block
 
-RULES = ("soft", "hard", "topk")
+RULES = ("soft", "hard", "topk", "additive")
 CURVATURES = ("exact", "kfac", "input", "diag")
 DEFAULTS = {"rule": "soft", "curvature": "diag", "gamma": 1e-4, "threshold": 4.0, "topk": None, "rank": None}
 #: Components below this fraction of an update's largest eigen-coordinate count as absent.
@@ -111,7 +115,9 @@ def gen_eig(FS: torch.Tensor, FUd: torch.Tensor, name: str) -> tuple[torch.Tenso
 
 
 def weights(lam: torch.Tensor, alpha: float, rule: str, threshold: float, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Safety weight per direction and its branch code (0 utility, 1 safety, 2 ratio)."""
+    """Safety weight per direction and its branch code (0 utility, 1 safety, 2 ratio). For every rule
+    but ``additive`` the merged coordinate is ``(1 - w) y_U + w y_S``; for ``additive`` it is
+    ``y_U + w y_S`` with ``w = α`` on the top-k directions (:func:`combine`)."""
     al = alpha * lam
     soft = al / (1.0 + al)
     if rule == "soft":
@@ -130,9 +136,14 @@ def weights(lam: torch.Tensor, alpha: float, rule: str, threshold: float, topk: 
     branch = torch.zeros_like(flat, dtype=torch.int64)
     if k > 0 and alpha > 0:
         idx = torch.argsort(flat, descending=True)[:k]
-        w[idx] = min(alpha, 1.0)
+        w[idx] = alpha if rule == "additive" else min(alpha, 1.0)
         branch[idx] = 1
     return w.reshape(lam.shape), branch.reshape(lam.shape)
+
+
+def combine(yU: torch.Tensor, yS: torch.Tensor, w: torch.Tensor, rule: str) -> torch.Tensor:
+    """The merged eigen-coordinates: ``y_U + w y_S`` (additive) or ``(1 - w) y_U + w y_S`` (the others)."""
+    return yU + w * yS if rule == "additive" else (1 - w) * yU + w * yS
 
 
 def _pencil(ctx: Context, name: str, FUr, FSr, curvature, gamma) -> dict:
@@ -187,7 +198,7 @@ def _at(p: dict, name: str, alpha: float, rule, threshold, topk, rank):
     """One layer's factors and diagnostics at strength alpha, from its pencil."""
     lam, yU, yS = p["lam"], p["yU"], p["yS"]
     w, branch = weights(lam, alpha, rule, threshold, topk)
-    y = (1 - w) * yU + w * yS
+    y = combine(yU, yS, w, rule)
     M = p["to_M"](y)
     if not torch.isfinite(M).all():
         raise InputError(f"sst: layer {name} produced NaN/Inf (Fisher ill-conditioned); raise gamma")
@@ -234,8 +245,8 @@ def sweep(ctx: Context, alphas, *, rule: str = DEFAULTS["rule"], curvature: str 
         raise InputError(f"sst: curvature must be one of {CURVATURES}, got {curvature!r}")
     if rule == "hard" and not threshold > 1.0:
         raise InputError(f"sst: threshold must be > 1 (safety dominates where αλ >= threshold, utility where αλ <= 1/threshold), got {threshold}")
-    if rule == "topk" and (topk is None or int(topk) < 0):
-        raise InputError("sst: rule='topk' needs topk=K (the number of safety-dominant directions to take)")
+    if rule in ("topk", "additive") and (topk is None or int(topk) < 0):
+        raise InputError(f"sst: rule={rule!r} needs topk=K >= 0 (the number of safety-dominant directions per layer to take)")
     if not gamma > 0:
         raise InputError(f"sst: gamma must be > 0, got {gamma}")
     if ctx.fisher is None:
