@@ -133,3 +133,56 @@ def test_cli_true_fisher_labels(chat_world, tmp_path, capsys):
     code = cli_main(main, no_data + ["--out", str(tmp_path / "bad"), "--fisher-labels", "true"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--fisher-labels" in err[0]
+
+
+def _saved(path, layers, base):
+    path.mkdir()
+    ad.save_adapter(path, layers, base_model=str(base))
+    return path
+
+
+def test_fisher_at_base_and_merged_are_the_fisher_of_those_models(chat_world):
+    """diag@base equals the diag Fisher at an adapter with a zero update (the base model itself);
+    diag@merged equals the one at an adapter whose update is dU + dS (rank 4: [B_U, B_S] [A_U; A_S])."""
+    from sstmerge.merge.fisher_inputs import compute
+
+    root, base, u, s = chat_world
+    U, S = ad.load_adapter(u), ad.load_adapter(s)
+    zero = _saved(root / "zero", {n: (torch.zeros_like(f.B), f.A, f.scale) for n, f in S.layers.items()}, base)
+    both = _saved(root / "both", {n: (torch.cat([U.layers[n].scale * U.layers[n].B, f.scale * f.B], 1),
+                                      torch.cat([U.layers[n].A, f.A], 0), 1.0) for n, f in S.layers.items()}, base)
+    kw = dict(safety_rows=SAFETY, utility_rows=UTILITY, backend="torch")
+    got = compute(str(base), u, s, [("safety", "diag@base"), ("safety", "diag@merged")], **kw)
+    at_base = compute(str(base), zero, zero, [("safety", "diag")], **kw).results[("safety", "diag")]
+    at_both = compute(str(base), both, both, [("safety", "diag")], **kw).results[("safety", "diag")]
+    for name, want in at_base.tensors.items():
+        assert torch.allclose(got.results[("safety", "diag@base")].tensors[name], want, rtol=1e-5, atol=0), name
+    for name, want in at_both.tensors.items():
+        # the merged point adds dU + dS to the fp32 base weights: one rounding per weight
+        assert torch.allclose(got.results[("safety", "diag@merged")].tensors[name], want, rtol=1e-3,
+                              atol=1e-6 * float(want.abs().max())), name
+    assert not torch.allclose(got.results[("safety", "diag@base")].tensors[name],
+                              got.results[("safety", "diag@merged")].tensors[name])
+
+
+def test_sst_and_fisher_avg_read_the_fisher_at_the_point_they_ask_for(chat_world):
+    root, base, u, s = chat_world
+    opts = {"sst": {"fisher_at": "base"}, "fisher_avg": {"fisher_at": "merged"}}
+    assert needs(["sst", "fisher_avg"], opts) == sorted(
+        {(r, k) for r in ("utility", "safety") for k in ("diag_sub@base", "diag_pool@merged")})
+    fi = fisher_inputs(["sst", "fisher_avg"], str(base), u, s, safety_rows=SAFETY, utility_rows=UTILITY,
+                       backend="torch", options=opts)
+    a = merge("sst", base, u, s, alpha=1.0, fisher=fi, fisher_at="base")
+    from sstmerge.errors import InputError
+
+    with pytest.raises(InputError, match="needs the diag_sub Fisher"):
+        merge("sst", base, u, s, alpha=1.0, fisher=fi)  # the own-point Fisher was not computed
+    own = fisher_inputs(["sst"], str(base), u, s, safety_rows=SAFETY, utility_rows=UTILITY, backend="torch")
+    b = merge("sst", base, u, s, alpha=1.0, fisher=own)
+    assert any(not torch.allclose(a.layers[n].delta(), b.layers[n].delta()) for n in a.layers)
+    merge("fisher_avg", base, u, s, alpha=1.0, fisher=fi, fisher_at="merged")
+
+    with pytest.raises(InputError, match="needs curvature='diag'"):
+        needs(["sst"], {"sst": {"fisher_at": "base", "curvature": "kfac"}})
+    with pytest.raises(InputError, match="fisher_at must be one of"):
+        needs(["sst"], {"sst": {"fisher_at": "there"}})

@@ -25,7 +25,7 @@ def _rank(v: str):
 _OPTION_FLAGS = {  # flag -> (option name, type)
     "density": float, "lam": float, "variant": str, "eps": float, "rank": _rank, "offdiag": float,
     "threshold": float, "align_rank": int, "align_model": str, "align_base": str, "rule": str,
-    "curvature": str, "gamma": float, "topk": int, "utility_weight": float,
+    "curvature": str, "gamma": float, "topk": int, "utility_weight": float, "fisher_at": str,
 }
 _KEYS = ("method", "base", "utility", "safety", "alpha", "out", "fisher", "safety_data", "utility_data", "dense",
          "seed", "backend", "batch_size", "fisher_cache", "fisher_labels", "fisher_samples", "options")

@@ -14,7 +14,8 @@ POOL_MAX_ENTRIES (2^20) weights, tile means for larger ones (Qwen2.5-14B: 2x2 to
 exact [O, I] Fishers would be ~53 GB per role); ``pooled=False`` asks for the exact ``diag``.
 An exact ``diag`` result is used whenever it is given. The rule runs on row blocks; the result is
 factored at rank ``r_U + r_S`` by default, every alpha of a sweep projected onto one range per
-layer (``rank``, the range: see :mod:`sstmerge.merge.dense`).
+layer (``rank``, the range: see :mod:`sstmerge.merge.dense`). ``fisher_at``: where both Fishers
+are taken, ``own`` (each adapter's model; default), ``base`` or ``merged`` (:mod:`sstmerge.merge.fisher_inputs`).
 """
 
 from __future__ import annotations
@@ -25,24 +26,25 @@ from ..errors import InputError
 from ..fisher.restrict import tile_counts
 from .core import Context, Method, from_sweep
 from .dense import run_dense
-from .fisher_inputs import DiagLayer
+from .fisher_inputs import DiagLayer, at_kind
 
-DEFAULTS = {"eps": 1e-6, "rank": "auto", "pooled": True}
+DEFAULTS = {"eps": 1e-6, "rank": "auto", "pooled": True, "fisher_at": "own"}
 
 
 def _kinds(opts) -> tuple[str, ...]:
-    return ("diag", "diag_pool") if opts.get("pooled", True) else ("diag",)
+    at = opts.get("fisher_at", "own")
+    return tuple(at_kind(k, at) for k in (("diag", "diag_pool") if opts.get("pooled", True) else ("diag",)))
 
 
 def _fisher(opts):
-    kind = "diag_pool" if opts.get("pooled", True) else "diag"
+    kind = at_kind("diag_pool" if opts.get("pooled", True) else "diag", opts.get("fisher_at", "own"))
     return [("utility", kind), ("safety", kind)]
 
 
-def sweep(ctx: Context, alphas, *, eps: float = 1e-6, rank="auto", pooled: bool = True):
+def sweep(ctx: Context, alphas, *, eps: float = 1e-6, rank="auto", pooled: bool = True, fisher_at: str = "own"):
     if ctx.fisher is None:
         raise InputError("fisher_avg needs the diag Fisher of both objectives: pass --fisher DIR or --safety-data/--utility-data")
-    kinds = _kinds({"pooled": pooled})
+    kinds = _kinds({"pooled": pooled, "fisher_at": fisher_at})
     FUr = ctx.fisher.first("utility", kinds, "fisher_avg")[1]
     FSr = ctx.fisher.first("safety", kinds, "fisher_avg")[1]
 

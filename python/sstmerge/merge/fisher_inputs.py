@@ -22,6 +22,13 @@ Kinds (see :mod:`sstmerge.fisher`):
   * ``kfac``      Kronecker factors ``A = sum x x^T`` and ``G = sum g g^T`` projected into the joint
                   subspace: ``A' = q_in^T A q_in``, ``G' = q_out^T G q_out``.
 
+Where (the model point): by default each role is taken at its own adapter's model (``own``). A
+diagonal kind can also be taken at the base model alone (``@base``: the adapter's LoRA scaling set to
+0) or at base + utility + safety (``@merged``: the other adapter's update added to the base weights),
+written ``diag_sub@base`` etc. (:func:`at_kind`). At the base, the Fisher of the safety data measures
+which weights the base must move to refuse; at a trained adapter it is small where that adapter
+already fits its data.
+
 On disk (``--fisher DIR``) the statistics are ``DIR/{role}.{kind}.safetensors`` files written by
 :meth:`sstmerge.fisher.FisherResult.save`. A Fisher computed for another model or other adapters is
 detected by shape (diag) or by its stored subspace not spanning the adapters' joint subspace.
@@ -43,6 +50,22 @@ from ..errors import InputError
 
 ROLES = ("utility", "safety")
 KINDS = ("diag", "diag_sub", "diag_pool", "subspace", "kfac")
+#: Model points a Fisher can be taken at (module docstring); ``own`` is the default.
+AT = ("own", "base", "merged")
+
+
+def at_kind(kind: str, at: str) -> str:
+    """The kind name of ``kind`` taken at model point ``at`` (``diag_sub`` / ``diag_sub@base``)."""
+    if at not in AT:
+        raise InputError(f"fisher_at must be one of {AT}, got {at!r}")
+    return kind if at == "own" else f"{kind}@{at}"
+
+
+def split_kind(name: str) -> tuple[str, str]:
+    """(kind, at) of a kind name made by :func:`at_kind`."""
+    kind, _, at = name.partition("@")
+    return kind, at or "own"
+
 #: the FisherResult kind each file kind holds
 RESULT_KIND = {"diag": "diag", "diag_sub": "diag", "diag_pool": "diag", "subspace": "subspace", "kfac": "kfac"}
 #: diag_pool: at most this many entries (4 MB fp32) per layer; smaller layers are exact.
@@ -137,11 +160,11 @@ def load_dir(path: str | Path) -> FisherInputs:
         raise InputError(f"--fisher {path} is not a directory; it must hold {{utility,safety}}.{{{','.join(KINDS)}}}.safetensors")
     results = {}
     for role in ROLES:
-        for kind in KINDS:
+        for kind in (at_kind(k, at) for k in KINDS for at in AT):
             f = path / f"{role}.{kind}.safetensors"
             if f.exists():
                 fr = FisherResult.load(f)
-                if fr.kind != RESULT_KIND[kind]:
+                if fr.kind != RESULT_KIND[split_kind(kind)[0]]:
                     raise InputError(f"{f} holds a {fr.kind} Fisher, not {kind}; rename or recompute it")
                 results[(role, kind)] = fr
     if not results:
@@ -206,14 +229,15 @@ def diag_linear(fr, layer: str, shape: tuple[int, int], what: str) -> Tensor:
     return DiagLayer(fr, layer, shape, what).full().double()
 
 
-def diag_restricted(fisher: "FisherInputs", role: str, layer: str, q_in: Tensor, q_out: Tensor, method: str) -> Tensor:
+def diag_restricted(fisher: "FisherInputs", role: str, layer: str, q_in: Tensor, q_out: Tensor, method: str,
+                    at: str = "own") -> Tensor:
     """The diagonal Fisher restricted to the joint subspace, ``K^T diag(vec F) K`` [n, n] fp64, from a
-    ``diag_sub`` result (rotated into our basis) or an exact ``diag`` one (restricted here)."""
+    ``diag_sub`` result (rotated into our basis) or an exact ``diag`` one (restricted here), taken at ``at``."""
     from ..fisher.restrict import restrict_diag
 
-    kind, fr = fisher.first(role, ("diag_sub", "diag"), method)
+    kind, fr = fisher.first(role, (at_kind("diag_sub", at), at_kind("diag", at)), method)
     what = f"{role} Fisher"
-    if kind == "diag_sub":
+    if split_kind(kind)[0] == "diag_sub":
         return subspace_block(fr, layer, q_in, q_out, what)
     D = DiagLayer(fr, layer, (q_out.shape[0], q_in.shape[0]), what)
     if D.pooled:
@@ -336,37 +360,39 @@ def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_
     rows = {"utility": utility_rows, "safety": safety_rows}
     results = {}
     base_key = _file_hash(Path(base)) if Path(base).is_dir() else str(base)
-    for role, kind in pairs:
+    for role, name in pairs:
+        kind, at = split_kind(name)
         key = hashlib.sha256(json.dumps({
             "base": base_key, "utility": _file_hash(Path(utility)), "safety": _file_hash(Path(safety)),
             "role": role, "kind": kind, "rows": _rows_hash(rows[role]), "fisher": fisher, "batch_size": batch_size,
             "seed": seed, **({"samples": samples} if fisher == "true" else {}),
-            **({"pool_max": POOL_MAX_ENTRIES} if kind == "diag_pool" else {})},
+            **({"pool_max": POOL_MAX_ENTRIES} if kind == "diag_pool" else {}), **({"at": at} if at != "own" else {})},
             sort_keys=True).encode()).hexdigest()[:24]
-        path = Path(cache_dir) / f"{role}.{kind}.safetensors" if cache_dir is not None else None
+        path = Path(cache_dir) / f"{role}.{name}.safetensors" if cache_dir is not None else None
         if path is not None and path.exists():
             try:
                 fr = FisherResult.load(path)
                 if fr.meta.get("sstmerge.merge.key") == key:
-                    results[(role, kind)] = fr
+                    results[(role, name)] = fr
                     continue
             except InputError:
                 pass  # a corrupt or stale cache entry is recomputed
         if kind in ("subspace", "kfac", "diag_sub") and subspaces is None:
             subspaces = ad.joint_subspace(U, S)
+        other = adapters["safety" if role == "utility" else "utility"]
         fr = _estimate(base, adapters[role], rows[role], kind, subspaces, backend=backend, seed=seed,
                        progress=progress, batch_size=batch_size, fisher=fisher, samples=samples,
-                       desc=f"fisher {role}.{kind}")
-        fr.meta = {**dict(fr.meta), "sstmerge.merge.key": key}
+                       desc=f"fisher {role}.{name}", at=at, other=other)
+        fr.meta = {**dict(fr.meta), "sstmerge.merge.key": key, "sstmerge.merge.at": at}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fr.save(path)
-        results[(role, kind)] = fr
+        results[(role, name)] = fr
     return FisherInputs(results, key=_results_key(results))
 
 
 def _estimate(base, adapter_dir, rows, kind, subspaces, *, backend, seed, progress, batch_size, fisher, samples,
-              desc):
+              desc, at="own", other=None):
     from peft import PeftModel
 
     from ..data.batches import training_batches
@@ -376,6 +402,8 @@ def _estimate(base, adapter_dir, rows, kind, subspaces, *, backend, seed, progre
     model, tok = load_model(base)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
+    if at != "own":
+        _move_to(model, at, other, kind)
     batches = list(training_batches(tok, rows, batch_size))  # chat rows or MMLU rows (answer letter labelled)
     est_kind = RESULT_KIND[kind]
     kw = dict(kind=est_kind, target="linear" if est_kind == "diag" else "lora", fisher=fisher, samples=samples)
@@ -388,6 +416,32 @@ def _estimate(base, adapter_dir, rows, kind, subspaces, *, backend, seed, progre
         if name in params:
             kw[name] = value
     return estimate(model, batches, **kw)
+
+
+def _move_to(model, at: str, other, kind: str) -> None:
+    """Put the peft model (its own adapter loaded) at model point ``at``: ``base`` sets the LoRA
+    scaling of every wrapped layer to 0; ``merged`` adds the ``other`` adapter's update to the base
+    weights. Only the diagonal kinds (gradients of the base weights) are defined there."""
+    from .. import adapters as ad
+    from ..fisher.hooks import find_layers
+
+    if RESULT_KIND[kind] != "diag":
+        raise InputError(f"a {kind} Fisher is taken in the adapters' LoRA parameters, at their own model; "
+                         f"fisher_at={at!r} needs a diagonal kind (SST: curvature='diag')")
+    layers = find_layers(model, "linear", None)
+    if at == "base":
+        for layer in layers:
+            layer.module.scaling = {k: 0.0 for k in layer.module.scaling}
+        return
+    O = ad.load_adapter(other, what="adapter")
+    missing = [layer.name for layer in layers if layer.name not in O.layers]
+    if missing:
+        raise InputError(f"fisher_at='merged': the other adapter has no update for {missing[0]}; the two adapters "
+                         "must target the same layers")
+    with torch.no_grad():
+        for layer in layers:
+            w = layer.base.weight
+            w.add_(O.layers[layer.name].delta().to(w.dtype))
 
 
 def fisher_inputs(methods: Iterable[str], base: str, utility, safety, *, safety_rows, utility_rows,

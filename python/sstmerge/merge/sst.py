@@ -15,6 +15,9 @@ Per target layer:
      accumulated restricted batch by batch; or an exact ``diag`` one restricted here), a dense
      [n, n] matrix there (the diagonal-Fisher signal, the one ``fisher_avg`` uses, but resolved
      direction by direction inside the subspace; measured best on the tiny world, docs/merge.md).
+   ``fisher_at``: where both Fishers are taken (diag only): ``"own"`` (default; each role at its
+   own adapter's model), ``"base"`` (the base model alone), ``"merged"`` (base + dU + dS)
+   (:mod:`sstmerge.merge.fisher_inputs`).
    The utility side is damped: ``F_U + gamma_abs I`` (exact, diag) or ``(G_U + g_G I) ⊗ (A_U + g_A I)``
    (kfac / input; no G damping for input), with each ``gamma_abs = gamma * tr(F)/dim`` of the utility
    factor (of the safety one if the utility's is zero; both zero is an error).
@@ -53,11 +56,12 @@ from ..adapters import joint_layer
 from ..errors import InputError
 from .core import Context, Method, factor_small, from_sweep, in_subspace
 from ..fisher.restrict import restrict_diag
-from .fisher_inputs import diag_restricted, kfac_block, subspace_block
+from .fisher_inputs import at_kind, diag_restricted, kfac_block, subspace_block
 
 RULES = ("soft", "hard", "topk", "additive")
 CURVATURES = ("exact", "kfac", "input", "diag")
-DEFAULTS = {"rule": "soft", "curvature": "diag", "gamma": 1e-4, "threshold": 4.0, "topk": None, "rank": None}
+DEFAULTS = {"rule": "soft", "curvature": "diag", "gamma": 1e-4, "threshold": 4.0, "topk": None, "rank": None,
+            "fisher_at": "own"}
 #: Components below this fraction of an update's largest eigen-coordinate count as absent.
 PRESENT_RTOL = 1e-6
 SPECTRUM_LEN = 32
@@ -70,7 +74,11 @@ def _kind(curvature: str) -> str:
 
 
 def _fisher(opts):
-    kind = _kind(opts.get("curvature", DEFAULTS["curvature"]))
+    curvature, at = opts.get("curvature", DEFAULTS["curvature"]), opts.get("fisher_at", DEFAULTS["fisher_at"])
+    if at != "own" and curvature != "diag":
+        raise InputError(f"sst: fisher_at={at!r} needs curvature='diag' (the other curvatures are taken in the "
+                         "adapters' LoRA parameters, at their own model)")
+    kind = at_kind(_kind(curvature), at)
     return [("utility", kind), ("safety", kind)]
 
 
@@ -146,7 +154,7 @@ def combine(yU: torch.Tensor, yS: torch.Tensor, w: torch.Tensor, rule: str) -> t
     return yU + w * yS if rule == "additive" else (1 - w) * yU + w * yS
 
 
-def _pencil(ctx: Context, name: str, FUr, FSr, curvature, gamma) -> dict:
+def _pencil(ctx: Context, name: str, FUr, FSr, curvature, gamma, at="own") -> dict:
     """The alpha-independent part of one layer: joint subspace, generalized eigenpairs (λ flat),
     both updates' eigen-coordinates, and ``to_M(y)`` mapping coordinates back to M [m_o, m_i]."""
     u, s = ctx.pair(name)
@@ -159,8 +167,8 @@ def _pencil(ctx: Context, name: str, FUr, FSr, curvature, gamma) -> dict:
             FU = subspace_block(FUr, name, q_in, q_out, "utility Fisher")
             FS = subspace_block(FSr, name, q_in, q_out, "safety Fisher")
         else:
-            FU = diag_restricted(ctx.fisher, "utility", name, q_in, q_out, "sst")
-            FS = diag_restricted(ctx.fisher, "safety", name, q_in, q_out, "sst")
+            FU = diag_restricted(ctx.fisher, "utility", name, q_in, q_out, "sst", at)
+            FS = diag_restricted(ctx.fisher, "safety", name, q_in, q_out, "sst", at)
             FU, FS = 0.5 * (FU + FU.T), 0.5 * (FS + FS.T)
         g = _damping(FU, FS, gamma, name, "subspace")
         FUd = FU + g * torch.eye(FU.shape[0], dtype=FU.dtype)
@@ -238,7 +246,7 @@ def _at(p: dict, name: str, alpha: float, rule, threshold, topk, rank):
 
 def sweep(ctx: Context, alphas, *, rule: str = DEFAULTS["rule"], curvature: str = DEFAULTS["curvature"],
           gamma: float = DEFAULTS["gamma"], threshold: float = DEFAULTS["threshold"], topk: int | None = None,
-          rank: int | None = None):
+          rank: int | None = None, fisher_at: str = DEFAULTS["fisher_at"]):
     if rule not in RULES:
         raise InputError(f"sst: rule must be one of {RULES}, got {rule!r}")
     if curvature not in CURVATURES:
@@ -251,17 +259,19 @@ def sweep(ctx: Context, alphas, *, rule: str = DEFAULTS["rule"], curvature: str 
         raise InputError(f"sst: gamma must be > 0, got {gamma}")
     if ctx.fisher is None:
         raise InputError("sst needs the Fisher of both objectives: pass --fisher DIR or --safety-data/--utility-data")
+    _fisher({"curvature": curvature, "fisher_at": fisher_at})  # validates the pair
     kind = _kind(curvature)
     if kind == "diag_sub":  # a diag_sub or an exact diag result, read per layer by diag_restricted
-        FUr = ctx.fisher.first("utility", ("diag_sub", "diag"), "sst")[1]
-        FSr = ctx.fisher.first("safety", ("diag_sub", "diag"), "sst")[1]
+        kinds = (at_kind("diag_sub", fisher_at), at_kind("diag", fisher_at))
+        FUr = ctx.fisher.first("utility", kinds, "sst")[1]
+        FSr = ctx.fisher.first("safety", kinds, "sst")[1]
     else:
         FUr = ctx.fisher.get("utility", kind, "sst")
         FSr = ctx.fisher.get("safety", kind, "sst")
     alphas = [float(a) for a in alphas]
     layers, diags = [{} for _ in alphas], [{} for _ in alphas]
     for name in ctx.iterate("sst"):
-        p = _pencil(ctx, name, FUr, FSr, curvature, gamma)  # once per layer for all alphas
+        p = _pencil(ctx, name, FUr, FSr, curvature, gamma, fisher_at)  # once per layer for all alphas
         for j, a in enumerate(alphas):
             layers[j][name], diags[j][name] = _at(p, name, a, rule, threshold, topk, rank)
     return [(L, {"summary": _summary(d), "layers": d}) for L, d in zip(layers, diags)]
