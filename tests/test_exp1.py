@@ -243,3 +243,38 @@ def test_real_model_without_weights_fails_fast(tmp_path):
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "not available offline" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_align_pair_reaches_safe_lora_and_safemerge(tmp_path):
+    """--align-model/--align-base: both methods take their alignment subspace from the model pair (here
+    the base with the safety update fused, so V = dS), and the pair's content keys the run."""
+    from sstmerge import worlds
+    from sstmerge.merge import merge
+
+    w = worlds.module("tiny").ensure(quick=True)
+    merge("task_arithmetic", w.base_model, w.utility_adapter, w.safety_adapter, alpha=1.0, utility_weight=0.0,
+          out=tmp_path / "aligned", dense=True)
+    aligned = tmp_path / "aligned" / "fused"
+    out = tmp_path / "run"
+    r = _run(["--methods", "safe_lora", "safemerge", "--alphas", "1", "--align-model", str(aligned),
+              "--align-base", str(w.base_model), "--out", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["provenance"]["data_hashes"]["align_model"] == exp1.file_sha256(aligned)
+    for m in ("safe_lora", "safemerge"):
+        info = json.loads((out / "merged" / f"{m}_a1" / "merge.json").read_text())
+        assert info["options"]["align_model"] == str(aligned)
+        diag = json.loads((out / "merged" / f"{m}_a1" / "diagnostics.json").read_text())
+        assert {d["align_source"] for d in diag["layers"].values()} == {"model_pair"}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--align-base", "{d}"], "--align-base needs --align-model"),
+    (["--align-model", "{d}", "--methods", "ties"], "--align-model is used by safe_lora and safemerge"),
+    (["--align-model", "{d}/missing"], "is not a directory"),
+])
+def test_align_flags_bad_input(tmp_path, args, needle):
+    args = [a.format(d=tmp_path) for a in args]
+    r = _run(args + ["--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()

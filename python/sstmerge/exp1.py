@@ -70,6 +70,11 @@ class Config:
     safety_data: str | None = None
     utility_data: str | None = None
     backend: str = "auto"
+    #: per-method option overrides and dev-chosen α, from ``--tuned`` (sstmerge.tune's tuned.json)
+    options: dict[str, dict] = field(default_factory=dict)
+    chosen_alpha: dict[str, float] = field(default_factory=dict)
+    tuned: str | None = None
+    tuned_hashes: dict[str, str] = field(default_factory=dict)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="reply tokens generated for refusal detection (default: the world's, else 16)")
     p.add_argument("--n-boot", type=int, default=stats.N_BOOT, help="bootstrap resamples")
     p.add_argument("--backend", default="auto", help="kernel backend for Fisher and fused merges")
+    p.add_argument("--align-model", metavar="DIR",
+                   help="an aligned model whose difference from --align-base gives Safe LoRA's and SafeMERGE's "
+                        "alignment subspace (default: the safety adapter's own update)")
+    p.add_argument("--align-base", metavar="DIR", help="the unaligned model of that pair (default: the base model)")
+    p.add_argument("--tuned", metavar="TUNED_JSON",
+                   help="every method's options and α chosen on dev by `python -m sstmerge.tune` (its tuned.json); "
+                        "the report then compares the dev-chosen points")
     p.add_argument("--stop-after", choices=STAGES[:-1], help="stop after this stage (resume later)")
     p.add_argument("--plan", action="store_true",
                    help="print each stage's estimated GPU/host memory, disk and time (no weights loaded), then exit")
@@ -142,11 +154,84 @@ def _config(args: argparse.Namespace) -> Config:
         harmful_data=args.harmful_data, benign_data=args.benign_data, mmlu_data=args.mmlu_data,
         safety_data=args.safety_data, utility_data=args.utility_data, backend=args.backend,
     )
+    if args.align_base and not args.align_model:
+        raise InputError("--align-base needs --align-model (the aligned model whose difference from it is the alignment direction)")
+    if args.align_model:
+        users = [m for m in ALIGN_METHODS if m in cfg.methods]
+        if not users:
+            raise InputError(f"--align-model is used by {' and '.join(ALIGN_METHODS)}; add one of them to --methods")
+        for name in ("align_model", "align_base"):
+            path = getattr(args, name)
+            if path and not Path(path).is_dir():
+                raise InputError(f"--{name.replace('_', '-')} {path} is not a directory; give a model directory (safetensors)")
+        for m in users:
+            cfg.options[m] = {"align_model": str(args.align_model), "align_base": args.align_base and str(args.align_base)}
+    if args.tuned:
+        _apply_tuned(cfg, args.tuned)
     if cfg.quick:
         cfg.harmful_n = cfg.harmful_n or quick.get("harmful_n", 48)
         cfg.benign_n = cfg.benign_n or quick.get("benign_n", 32)
         cfg.mmlu_n = cfg.mmlu_n or quick.get("mmlu_n", 96)
     return cfg
+
+
+def _apply_tuned(cfg: Config, path: str) -> None:
+    """Take each method's options and dev-chosen α from a tune file (sstmerge.tune writes it); every
+    method of the run must have been tuned, on dev items of the same model, and its α is added to the sweep."""
+    from .merge import METHODS
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"--tuned {path}: cannot read it as JSON ({e}); give the tuned.json of `python -m sstmerge.tune`") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("methods"), dict):
+        raise InputError(f"--tuned {path}: no 'methods' mapping; give the tuned.json of `python -m sstmerge.tune`")
+    if doc.get("split") != "dev":
+        raise InputError(f"--tuned {path} was tuned on split {doc.get('split')!r}, not dev; tune on dev items only")
+    if cfg.split != "test":
+        raise InputError("--tuned reports the test items; the dev items are the ones tune chose on (drop --split dev)")
+    if doc.get("model") != cfg.model:
+        raise InputError(f"--tuned {path} was tuned for --model {doc.get('model')!r}, this run is {cfg.model!r}")
+    missing = [m for m in cfg.methods if m not in doc["methods"]]
+    if missing:
+        raise InputError(f"--tuned {path} has no choice for {', '.join(missing)}; tune them too or drop them from --methods")
+    for m in cfg.methods:
+        choice = doc["methods"][m]
+        opts = choice.get("options")
+        if not isinstance(opts, dict) or set(opts) - set(METHODS[m].defaults):
+            raise InputError(f"--tuned {path}: {m}'s options {opts!r} are not options of {m} "
+                             f"({', '.join(METHODS[m].defaults)})")
+        clash = {k for k in set(opts) & set(cfg.options.get(m, {})) if opts[k] != cfg.options[m][k]}
+        if clash:
+            raise InputError(f"--tuned {path} chose {m} with {', '.join(f'{k}={opts[k]}' for k in sorted(clash))}, "
+                             "which the command line sets otherwise; tune with the same flags")
+        cfg.options[m] = {**cfg.options.get(m, {}), **opts}
+        cfg.chosen_alpha[m] = float(choice["alpha"])
+    cfg.alphas = sorted(set(cfg.alphas) | set(cfg.chosen_alpha.values()))
+    cfg.tuned = str(path)
+    cfg.tuned_hashes = dict(doc.get("hashes") or {})
+
+
+#: The methods that take an alignment direction from an aligned/unaligned model pair.
+ALIGN_METHODS = ("safe_lora", "safemerge")
+#: The inputs a tune file must share with the run it is used in (the items differ: dev vs test).
+TUNED_SAME = ("base_model", "utility_adapter", "safety_adapter", "safety", "utility", "align_model", "align_base")
+
+
+def _check_tuned(cfg: Config, prep: "Prepared") -> None:
+    if cfg.tuned is None:
+        return
+    differ = [k for k in TUNED_SAME if cfg.tuned_hashes.get(k) != prep.hashes.get(k)]
+    if differ:
+        raise InputError(f"--tuned {cfg.tuned} was tuned with another {', '.join(differ)} than this run's "
+                         "(sha256 differs); tune again on this model's dev items")
+
+
+def options_of(cfg: Config, method: str) -> dict:
+    """The options a method runs with: its defaults, overridden by --align-model/--align-base and --tuned."""
+    from .merge import default_options
+
+    return {**default_options(method), **cfg.options.get(method, {})}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -196,7 +281,7 @@ def _versions() -> dict:
     return {
         "sstmerge": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__, "numpy": numpy.__version__,
-        "platform": platform.platform(),
+        "platform": platform.platform(), "cpu": io.cpu_model(),
         "backends": {k: (v.detail if v.usable else f"unusable: {v.reason}") for k, v in backends().items()},
     }
 
@@ -301,12 +386,39 @@ def prepare(cfg: Config, log) -> Prepared:
     hashes["safety_adapter"] = file_sha256(safety)
     if Path(base).is_dir():
         hashes["base_model"] = file_sha256(base)
+    for name in ("align_model", "align_base"):  # the alignment pair's content keys the merges that read it
+        paths = {o.get(name) for o in cfg.options.values() if o.get(name)}
+        if paths:
+            hashes[name] = file_sha256(paths.pop())
     log(f"  items: {len(harmful)} harmful, {len(benign)} benign, {len(mmlu)} MMLU")
     return Prepared(base, utility, safety, harmful, benign, mmlu, mmlu_dev, safety_rows, utility_rows, hashes)
 
 
 def _point_key(method: str, alpha: float) -> str:
     return f"{method}_a{alpha:g}"
+
+
+def merge_points(cfg: Config, prep: Prepared, fisher, method: str, options: dict, alphas, cache: Cache,
+                 tag: str | None = None) -> dict[str, tuple[str, dict]]:
+    """One method with ``options`` at every α, each written (once; cached by method, α, options, inputs
+    and Fisher) as ``merged/<tag>_a<α>/``: ``{key: (adapter dir, diagnostics)}``. Every α not cached
+    is merged in one sweep, so each layer's α-independent work is done once."""
+    from . import merge as mg
+
+    tag = tag or method
+    keys = {a: (_point_key(tag, a), {"method": method, "alpha": a, "seed": cfg.seed, "hashes": prep.hashes,
+                                     "options": options, "fisher": fisher.key if fisher is not None else None})
+            for a in alphas}
+    todo = [a for a, (key, mkey) in keys.items() if not cache.has(f"merged/{key}", mkey)]
+    swept = dict(zip(todo, mg.merge_sweep(method, prep.base, prep.utility, prep.safety, alphas=todo, fisher=fisher,
+                                          seed=cfg.seed, backend=cfg.backend, **options))) if todo else {}
+    out = {}
+    for a, (key, mkey) in keys.items():
+        path = cache.directory(f"merged/{key}", mkey, lambda tmp, r=swept.get(a): r.write_into(tmp))
+        diag = path / "diagnostics.json"
+        out[key] = (str(path), json.loads(diag.read_text()) if diag.exists() else {})
+    swept.clear()
+    return out
 
 
 def evaluate_models(cfg: Config, prep: Prepared, adapters: dict[str, str | None], cache: Cache, log) -> dict:
@@ -410,8 +522,23 @@ def statistics(cfg: Config, prep: Prepared, evals: dict, baseline_key: str, diag
     for (r, q), p in zip(family, stats.holm([r[q]["p_value"] for r, q in family])):
         r[q]["p_holm"] = p
     refs = {name: summary(outcomes(key)) for name, key in REFERENCES.items() if key in evals}
-    return {"baseline": summary(base), "methods": rows, "references": refs,
-            "verdicts": verdicts(cfg, outcomes)}
+    out = {"baseline": summary(base), "methods": rows, "references": refs, "verdicts": verdicts(cfg, outcomes)}
+    if cfg.chosen_alpha:
+        out["dev_chosen"] = dev_chosen(cfg, outcomes)
+    return out
+
+
+def dev_chosen(cfg: Config, outcomes) -> dict:
+    """SST's dev-chosen point against each baseline's dev-chosen point (one α and option set per
+    method, chosen by sstmerge.tune on dev items): paired on these items, Holm across these
+    comparisons only. This is the comparison free of the winner's curse of a minimum over the grid."""
+    kw = dict(n_boot=cfg.n_boot, seed=cfg.seed)
+    points = {m: {"method": m, "alpha": a, "options": cfg.options.get(m, {})} for m, a in cfg.chosen_alpha.items()}
+    s = points["sst"]
+    comps = [{"a": s, "b": p, "diff": stats.compare(outcomes(_point_key("sst", s["alpha"])),
+                                                    outcomes(_point_key(m, p["alpha"])), **kw)}
+             for m, p in points.items() if m != "sst"]
+    return {"tuned": cfg.tuned, "points": list(points.values()), "verdicts": stats.dominance(comps)}
 
 
 def verdicts(cfg: Config, outcomes) -> list[dict]:
@@ -453,6 +580,7 @@ def run(cfg: Config, out_dir: Path, stop_after: str | None = None, log=print) ->
 
     stage("prepare")
     prep = prepare(cfg, log)  # validates all input before the run directory is created
+    _check_tuned(cfg, prep)
     out_dir.mkdir(parents=True, exist_ok=True)
     if done("prepare"):
         return None
@@ -462,6 +590,7 @@ def run(cfg: Config, out_dir: Path, stop_after: str | None = None, log=print) ->
     fisher = mg.fisher_inputs(
         cfg.methods, prep.base, prep.utility, prep.safety, safety_rows=prep.safety_rows,
         utility_rows=prep.utility_rows, cache_dir=fisher_dir, backend=cfg.backend, seed=cfg.seed, progress=True,
+        options={m: options_of(cfg, m) for m in cfg.methods},
     )
     if done("fisher"):
         return None
@@ -470,20 +599,9 @@ def run(cfg: Config, out_dir: Path, stop_after: str | None = None, log=print) ->
     adapters: dict[str, str | None] = {}
     diagnostics: dict[str, dict] = {}
     for method in tqdm(cfg.methods, desc="merge", unit="method"):
-        keys = {a: (_point_key(method, a), {"method": method, "alpha": a, "seed": cfg.seed, "hashes": prep.hashes,
-                                            "options": mg.default_options(method),
-                                            "fisher": fisher.key if fisher is not None else None})
-                for a in cfg.alphas}
-        todo = [a for a, (key, mkey) in keys.items() if not cache.has(f"merged/{key}", mkey)]
-        # every alpha of a method in one sweep: each layer's alpha-independent work done once
-        swept = dict(zip(todo, mg.merge_sweep(method, prep.base, prep.utility, prep.safety, alphas=todo,
-                                              fisher=fisher, seed=cfg.seed, backend=cfg.backend))) if todo else {}
-        for a, (key, mkey) in keys.items():
-            path = cache.directory(f"merged/{key}", mkey, lambda tmp, r=swept.get(a): r.write_into(tmp))
-            adapters[key] = str(path)
-            diag = path / "diagnostics.json"
-            diagnostics[key] = json.loads(diag.read_text()) if diag.exists() else {}
-        swept.clear()
+        for key, (path, diag) in merge_points(cfg, prep, fisher, method, options_of(cfg, method), cfg.alphas,
+                                              cache).items():
+            adapters[key], diagnostics[key] = path, diag
     sst_diag = [k for k in adapters if k.startswith("sst_")]
     if not sst_diag or not all((Path(adapters[k]) / "diagnostics.json").exists() for k in sst_diag):
         raise RuntimeError("SST-Merge wrote no diagnostics: it did not run; refusing to report results")

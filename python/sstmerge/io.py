@@ -18,6 +18,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s, from /proc/cpuinfo), named beside every figure reported."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)

@@ -61,12 +61,44 @@ def sst_standing(results: dict) -> list[str]:
             "- Lowest defined Safety Tax per method (utility points lost per refusal point gained): "
             + "; ".join(f"{name(r)}: {_tax(r['safety_tax'])}" for r in ranked)
             + ". Each is the minimum over the α grid on these same items, so it is optimistic (a winner's "
-            "curse): choose α on dev items (--split dev) and report it here. Overlapping intervals mean the "
+            "curse): choose α on dev items (`python -m sstmerge.tune`, then exp1 `--tuned`) and report it here. "
+            "Overlapping intervals mean the "
             "ranking is not established."
         )
     else:
         lines.append("- No method reached a safety gain distinguishable from zero: no Safety Tax is defined.")
     return lines
+
+
+def _opts(o: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(o.items())) or "defaults"
+
+
+def dev_chosen_section(results: dict) -> list[str]:
+    """The points chosen on dev (one α and option set per method) and SST's verdict against each."""
+    dc = results.get("dev_chosen")
+    if not dc:
+        return []
+    rows = {(r["method"], r["alpha"]): r for r in results["methods"]}
+    L = ["", "## Dev-chosen points", "",
+         f"Each method's options and α were chosen on the dev items (`{dc['tuned']}`, `python -m sstmerge.tune`, "
+         "the same number of trials for every method) and are reported here on these items, which took no part "
+         "in the choice. Overridden options only; the rest are the method's defaults.", "",
+         "| method | options | α | refusal (%) | over-refusal (%) | MMLU (%) | safety gain | utility loss | Safety Tax |",
+         "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for p in dc["points"]:
+        r = rows[(p["method"], p["alpha"])]
+        L.append(f"| {p['method']} | {_opts(p['options'])} | {p['alpha']:g} | {_pct(r['safety']['value'])} | "
+                 f"{_pct(r['over_refusal']['value'])} | {_pct(r['utility']['value'])} | {_change(r['safety_gain'])} | "
+                 f"{_change(r['utility_loss'])} | {_tax(r['safety_tax'])} |")
+    L += ["", "SST-Merge's dev-chosen point against each baseline's (paired, Holm across these comparisons; "
+          "differences SST minus baseline, points):", ""]
+    word = {"a": "SST-Merge dominates it", "b": "it dominates SST-Merge", None: "neither dominates"}
+    for v in dc["verdicts"]:
+        d = v["diff"]
+        L.append(f"- vs {v['b']['method']} α={v['b']['alpha']:g}: {word[v['verdict']]} (refusal {_change(d['safety'])}, "
+                 f"MMLU {_change(d['utility'])}, over-refusal {_change(d['over_refusal'])}; signs: + favours SST).")
+    return L
 
 
 def write_report(results: dict, out_dir: str | Path) -> None:
@@ -114,6 +146,7 @@ def write_report(results: dict, out_dir: str | Path) -> None:
         L += ["", "Undefined Safety Tax, with the reason:", ""]
         L += [f"- {r['method']} α={r['alpha']:g}: {r['safety_tax']['reason']}" for r in undefined]
     L += ["", "## Where SST-Merge stands", ""] + sst_standing(results)
+    L += dev_chosen_section(results)
     L += [
         "",
         "## What the numbers mean",
