@@ -108,17 +108,21 @@ def greedy_batch(model, input_ids: list[list[int]], *, max_new_tokens: int, eos_
     cache_kw = _cache_kwarg(model)
     past = _cache_of(out)
     result: list[list[int]] = [[] for _ in range(n)]
-    done = torch.zeros(n, dtype=torch.bool, device=device)
+    rows = list(range(n))  # the prompt index of each row still decoding
     for step in range(max_new_tokens):
         nxt = out.logits[:, -1, :].float().argmax(dim=-1).to(device)  # logits: on the last stage's device
-        done = done | torch.isin(nxt, eos)
-        for i, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):
-            if not d:
-                result[i].append(t)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        ended = torch.isin(nxt, eos)
+        for r, t, e in zip(rows, nxt.tolist(), ended.tolist()):
+            if not e:
+                result[r].append(t)
+        if bool(ended.all()) or step == max_new_tokens - 1:
             break
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+        if bool(ended.any()):  # drop the ended rows (and their cache): no live row reads them
+            keep = (~ended).nonzero().squeeze(1)
+            past.batch_select_indices(keep)
+            nxt, mask, pos = nxt[keep], mask[keep], pos[keep]
+            rows = [rows[i] for i in keep.tolist()]
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: past})
         past = _cache_of(out)
