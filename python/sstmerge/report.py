@@ -179,7 +179,7 @@ def _wilson_err(rates: list[dict]) -> list[list[float]]:
 
 def write_plot(results: dict, path: str | Path) -> None:
     """Safety (refusal on harmful) vs utility (MMLU) with every method's α sweep and the references; every
-    point carries its 95 % Wilson intervals on both axes."""
+    point carries its 95 % Wilson intervals on both axes; with --tuned, each method's dev-chosen point is ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,6 +198,10 @@ def write_plot(results: dict, path: str | Path) -> None:
         for r, x, y in zip(pts, xs, ys):
             ax.annotate(f"{r['alpha']:g}", (x, y), fontsize=6, color=line.get_color(), xytext=(2, 2),
                         textcoords="offset points")
+        chosen = [p["alpha"] for p in (results.get("dev_chosen") or {}).get("points", []) if p["method"] == m]
+        for r, x, y in zip(pts, xs, ys):  # the point chosen on dev items (exp1 --tuned): ringed
+            if r["alpha"] in chosen:
+                ax.scatter([x], [y], s=170, facecolors="none", edgecolors=line.get_color(), linewidths=1.5, zorder=5)
     markers = {"baseline": "*", "base": "s", "safety adapter": "^"}
     for name, ref in results["references"].items():
         ax.scatter([100 * ref["safety"]["value"]], [100 * ref["utility"]["value"]], marker=markers.get(name.split(" (")[0], "D"),
@@ -206,7 +210,8 @@ def write_plot(results: dict, path: str | Path) -> None:
                     yerr=_wilson_err([ref["utility"]]), fmt="none", ecolor="black", elinewidth=0.6, alpha=0.5)
     ax.set_xlabel("refusal on harmful prompts (%)  → safer")
     ax.set_ylabel("MMLU accuracy (%)")
-    ax.set_title(f"exp1: safety vs utility ({results['provenance']['config']['model']})")
+    ax.set_title(f"exp1: safety vs utility ({results['provenance']['config']['model']})"
+                 + ("; ringed: chosen on dev" if results.get("dev_chosen") else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
