@@ -43,14 +43,8 @@ FULL = Mode("full", rounds=15, warmup=2)
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from sstmerge.io import cpu_model
+
     try:
         from sstmerge import _C
 
@@ -58,7 +52,7 @@ def machine() -> dict:
     except ImportError:
         isa = None
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

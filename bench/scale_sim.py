@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from sstmerge.io import cpu_model
 from sstmerge.models import SHAPES
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -140,7 +141,7 @@ def run(model: str, layers: int, *, rank: int = 16, rows: int = 16, words: int =
     root = Path(tmp.name if tmp else out)
     root.mkdir(parents=True, exist_ok=True)
     res: dict = {"model": model, "layers": layers, "rank": rank, "rows_per_role": rows, "batch": batch,
-                 "threads": torch.get_num_threads(), "cpu": _cpu_name()}
+                 "threads": torch.get_num_threads(), "cpu": cpu_model()}
     with Stage() as st:
         base, U, S, tok = build(root, model, layers, rank)
     res["build_s"] = st.seconds
@@ -198,16 +199,6 @@ def _eval_pass(base: Path, adapter: Path, tok, n: int) -> dict:
 def _ids(tok, messages, gen: bool) -> list[int]:
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
     return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 # ------------------------------------------------------------------------ report

@@ -636,6 +636,14 @@ def run(cfg: Config, out_dir: Path, stop_after: str | None = None, log=print) ->
     return results
 
 
+def run_dir(path: str) -> Path:
+    """``--out`` as a directory path (created later, once the input is valid); an existing file is an error."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a directory; give a directory (it is created if missing)")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = _config(args)
@@ -643,9 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .plan import print_plan
         return print_plan(cfg)
     suffix = ("-quick" if cfg.quick else "") + ("-dev" if cfg.split == "dev" else "")
-    out = Path(args.out or f"runs/exp1-{Path(cfg.model).name}{suffix}")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a directory; give a directory (it is created if missing)")
+    out = run_dir(args.out or f"runs/exp1-{Path(cfg.model).name}{suffix}")
     t0 = time.perf_counter()
     results = run(cfg, out, stop_after=args.stop_after)
     if results is None:

@@ -70,7 +70,8 @@ def sst_standing(results: dict) -> list[str]:
     return lines
 
 
-def _opts(o: dict) -> str:
+def options_text(o: dict) -> str:
+    """Options as ``k=v, ...`` (sorted), or ``defaults`` when none are overridden."""
     return ", ".join(f"{k}={v}" for k, v in sorted(o.items())) or "defaults"
 
 
@@ -88,7 +89,7 @@ def dev_chosen_section(results: dict) -> list[str]:
          "|---|---|---:|---:|---:|---:|---|---|---|"]
     for p in dc["points"]:
         r = rows[(p["method"], p["alpha"])]
-        L.append(f"| {p['method']} | {_opts(p['options'])} | {p['alpha']:g} | {_pct(r['safety']['value'])} | "
+        L.append(f"| {p['method']} | {options_text(p['options'])} | {p['alpha']:g} | {_pct(r['safety']['value'])} | "
                  f"{_pct(r['over_refusal']['value'])} | {_pct(r['utility']['value'])} | {_change(r['safety_gain'])} | "
                  f"{_change(r['utility_loss'])} | {_tax(r['safety_tax'])} |")
     L += ["", "SST-Merge's dev-chosen point against each baseline's (paired, Holm across these comparisons; "

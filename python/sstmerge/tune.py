@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import exp1, io
+from .report import options_text
 from .errors import CliParser, InputError, cli_main
 
 #: Option sets tried per method, in order (the first --trials of each; the defaults first). Each
@@ -176,10 +177,6 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _opts(o: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in o.items()) or "defaults"
-
-
 def markdown(doc: dict) -> str:
     """tune.md: the choices, then every trial at every α (dev rates, %)."""
     n = doc["items"]
@@ -194,7 +191,7 @@ def markdown(doc: dict) -> str:
           "|---|---|---:|---:|---:|---:|---:|"]
     for m, c in doc["methods"].items():
         d = c["dev"]
-        L.append(f"| {m} | {_opts(c['options'])} | {c['alpha']:g} | {_pct(d['refusal'])} | {_pct(d['over_refusal'])} | "
+        L.append(f"| {m} | {options_text(c['options'])} | {c['alpha']:g} | {_pct(d['refusal'])} | {_pct(d['over_refusal'])} | "
                  f"{_pct(d['mmlu'])} | {c['score']:.3f} |")
     L += ["", "## Every trial (refusal / over-refusal / MMLU, %)", "",
           "| method | options | " + " | ".join(f"α={a:g}" for a in doc["alphas"]) + " |",
@@ -202,7 +199,7 @@ def markdown(doc: dict) -> str:
     for m, rows in doc["table"].items():
         for t in rows:
             cells = [f"{_pct(p['refusal'])} / {_pct(p['over_refusal'])} / {_pct(p['mmlu'])}" for p in t["points"]]
-            L.append(f"| {m} | {_opts(t['options'])} | " + " | ".join(cells) + " |")
+            L.append(f"| {m} | {options_text(t['options'])} | " + " | ".join(cells) + " |")
     L += ["", f"Made by `python -m sstmerge.tune --model {doc['model']} --trials {doc['trials']}"
           + (" --quick" if doc["quick"] else "") + "` at commit " + str(doc["provenance"]["git_commit"]) + ".", ""]
     return "\n".join(L)
@@ -211,14 +208,12 @@ def markdown(doc: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = _exp1_config(args)
-    out = Path(args.out or f"runs/tune-{cfg.model}" + ("-quick" if cfg.quick else ""))
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a directory; give a directory (it is created if missing)")
+    out = exp1.run_dir(args.out or f"runs/tune-{cfg.model}" + ("-quick" if cfg.quick else ""))
     doc = run(cfg, args.trials, out)
     print(f"done in {doc['provenance']['seconds']:.1f} s: {out / 'tuned.json'}, {out / 'tune.md'}")
     for m, c in doc["methods"].items():
         d = c["dev"]
-        print(f"  {m}: {_opts(c['options'])}, α={c['alpha']:g}: refusal {d['refusal']:.3f}, "
+        print(f"  {m}: {options_text(c['options'])}, α={c['alpha']:g}: refusal {d['refusal']:.3f}, "
               f"over-refusal {d['over_refusal']:.3f}, MMLU {d['mmlu']:.3f} (score {c['score']:.3f})")
     return 0
 
