@@ -1,5 +1,6 @@
-"""Refusal-evaluation generation: sstmerge.eval.generate (ended rows leave the batch) vs the same
-loop keeping every row to the end (the reference: what it did before) vs transformers'
+"""Refusal-evaluation generation: sstmerge.eval.generate (the common prompt prefix prefilled once,
+ended rows leave the batch) vs the same without the shared prefix vs the loop keeping every row to
+the end with a plain left-padded prefill (the reference: what it did before) vs transformers'
 ``model.generate`` (greedy; the peer), on the prompts and model exp1 evaluates.
 
 Quick mode: the quick tiny world's base + safety adapter (fused) on its 48 harmful test prompts,
@@ -12,6 +13,7 @@ checked equal to the reference's before it is timed.
 from __future__ import annotations
 
 import importlib
+from unittest import mock
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from _timing import run
 
 G = importlib.import_module("sstmerge.eval.generate")  # the module (sstmerge.eval.generate is also a function)
 
-CANDIDATES = ["sstmerge", "keep_all_rows_reference", "hf_generate"]
+CANDIDATES = ["sstmerge", "sstmerge_unshared_prefill", "keep_all_rows_reference", "hf_generate"]
 
 
 @torch.inference_mode()
@@ -91,6 +93,11 @@ def problem(mode):
 def _fn(name, m, tok, batches, kw):
     if name == "sstmerge":
         return lambda: [G.greedy_batch(m, b, **kw) for b in batches]
+    if name == "sstmerge_unshared_prefill":
+        def unshared():
+            with mock.patch.object(G, "common_prefix_len", lambda seqs: 0):
+                return [G.greedy_batch(m, b, **kw) for b in batches]
+        return unshared
     if name == "keep_all_rows_reference":
         return lambda: [_keep_all_rows(m, b, **kw) for b in batches]
     return lambda: [_hf(m, tok, b, **kw) for b in batches]

@@ -4,7 +4,7 @@ import torch
 
 from conftest_eval import FIXTURES, one_thread, tiny_model
 from sstmerge.eval import generate, load_items
-from sstmerge.eval.generate import chat_prompt, length_sorted_batches
+from sstmerge.eval.generate import chat_prompt, common_prefix_len, encode_chat, length_sorted_batches
 
 _one_thread = one_thread()
 
@@ -48,6 +48,30 @@ def test_batch_size_1_vs_16_identical_and_deterministic():
     d = generate(tiny_model()[0], tok, prompts, max_new_tokens=16, batch_size=5)
     assert a == b == c == d
     assert len(set(a)) > len(a) // 2  # outputs differ by prompt: the test can see a mix-up
+
+
+def test_common_prefix_len_keeps_one_token_per_row():
+    assert common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # equal rows still keep their last token
+    assert common_prefix_len([[1, 2], [3, 2]]) == 0
+    assert common_prefix_len([[7], [7, 8]]) == 0
+
+
+def test_shared_prefix_prefill_runs_the_prefix_once_and_matches_the_reference():
+    """Prompts opening with one long instruction: the prefill runs it once ([1, P]) and the outputs
+    equal the one-prompt, uncached reference."""
+    model, tok = tiny_model()
+    prompts = ["Answer as briefly as you can and then stop talking now. " + p for p in _prompts()[:10]]
+    P = common_prefix_len(encode_chat(tok, prompts))
+    assert P > 10
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        got = generate(model, tok, prompts, max_new_tokens=10, batch_size=10)
+    finally:
+        hook.remove()
+    assert shapes[0] == (1, P) and shapes[1][0] == 10
+    assert got == [_naive_greedy(model, tok, p, 10) for p in prompts]
 
 
 def test_order_is_input_order():

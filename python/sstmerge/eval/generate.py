@@ -8,6 +8,18 @@ padded row sees exactly what it would see alone. Decoding is greedy (``argmax``;
 lowest token id) with a KV cache, stops per row at any of the tokenizer's / model's end-of-sequence
 ids, and stops for the batch when every row has ended or ``max_new_tokens`` is reached.
 
+Shared prefix: a batch's prompts usually open with the same tokens (the chat template's system turn:
+26 of SmolLM2's 40-54 prompt tokens). Their keys and values do not depend on what follows (causal
+attention), so the prefill runs the longest common token prefix P once, copies its cache to every
+row, and runs only the suffixes, left-padded after the prefix::
+
+    tokens    [ p_0 .. p_{P-1} | pad .. pad s_0 .. s_{k-1} ]
+    mask      [ 1   ..  1      |  0  ..  0   1  ..  1      ]
+    position  [ 0   ..  P-1    |  -  ..  -   P  ..  P+k-1  ]
+
+Each real token sees the positions and the keys it sees alone (the pads are masked), as in the
+plain left-padded layout; P is capped so that every row keeps at least one suffix token.
+
 The loop is written here rather than delegated to ``model.generate`` so that nothing from a model's
 ``generation_config`` (sampling flags, repetition penalties, forced tokens) can change the decoding:
 the result is a pure function of the model, the tokenizer and the prompts. In fp32 the batch size
@@ -96,16 +108,45 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of ``seqs``, capped so every sequence keeps one token after it."""
+    first, cap = seqs[0], min(len(s) for s in seqs) - 1
+    p = 0
+    while p < cap and all(s[p] == first[p] for s in seqs):
+        p += 1
+    return p
+
+
+def _prefill(model, input_ids: list[list[int]], pad_id: int, device, cache_kw: str):
+    """The prompt forward (last position's logits and the cache), the batch's common prefix run once
+    (module docstring). Returns (output, attention mask, position ids) of the padded prompts."""
+    P = common_prefix_len(input_ids) if len(input_ids) > 1 else 0
+    if P == 0:
+        ids, mask = left_pad(input_ids, pad_id, device)
+        pos = positions(mask)
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1), mask, pos
+    n = len(input_ids)
+    ones = torch.ones((1, P), dtype=torch.long, device=device)
+    head = torch.tensor([input_ids[0][:P]], dtype=torch.long, device=device)
+    past = _cache_of(model(input_ids=head, attention_mask=ones, position_ids=positions(ones), use_cache=True,
+                           logits_to_keep=1))
+    past.batch_repeat_interleave(n)
+    ids, tail_mask = left_pad([s[P:] for s in input_ids], pad_id, device)
+    mask = torch.cat([ones.expand(n, P), tail_mask], dim=1)
+    pos = P + positions(tail_mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{cache_kw: past})
+    return out, mask, pos
+
+
 @torch.inference_mode()
 def greedy_batch(model, input_ids: list[list[int]], *, max_new_tokens: int, eos_ids: set[int], pad_id: int) -> list[list[int]]:
     """Greedy continuation token ids (without the eos) for one batch of token-id prompts."""
     device = model_device(model)
-    ids, mask = left_pad(input_ids, pad_id, device)
-    pos = positions(mask)
-    n = ids.shape[0]
+    n = len(input_ids)
     eos = torch.tensor(sorted(eos_ids), device=device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache_kw = _cache_kwarg(model)
+    out, mask, pos = _prefill(model, input_ids, pad_id, device, cache_kw)
     past = _cache_of(out)
     result: list[list[int]] = [[] for _ in range(n)]
     rows = list(range(n))  # the prompt index of each row still decoding
