@@ -314,10 +314,10 @@ def test_sst_from_a_diag_sub_fisher_equals_sst_from_the_exact_diag(world):
     for role in ("utility", "safety"):
         t = {}
         for name, (qi, qo) in sub.items():
-            F = world.fisher[(role, "diag")].tensors[f"base_model.model.{name}.base_layer.weight"]
+            F = world.fisher[(role, "diag@base")].tensors[f"base_model.model.{name}.base_layer.weight"]
             t[f"{name}.fisher"] = restrict_diag(F, qi, qo).float()
             t[f"{name}.q_in"], t[f"{name}.q_out"] = qi, qo
-        restricted[(role, "diag_sub")] = SimpleNamespace(kind="diag", tensors=t, meta={})
+        restricted[(role, "diag_sub@base")] = SimpleNamespace(kind="diag", tensors=t, meta={})  # SST's default point
     a = merge("sst", world.base, world.utility, world.safety, alpha=1.0, fisher=world.fisher)
     b = merge("sst", world.base, world.utility, world.safety, alpha=1.0, fisher=restricted)
     for name in a.layers:
@@ -567,8 +567,8 @@ def test_sst_diag_soft_is_the_diagonal_fisher_weighted_solution_in_the_subspace(
         qi, qo = ad.joint_layer(U.layers[name], S.layers[name])
         qi, qo = qi.double(), qo.double()
         key = f"base_model.model.{name}.base_layer.weight"
-        FU = world.fisher[("utility", "diag")].tensors[key].double().reshape(-1)
-        FS = world.fisher[("safety", "diag")].tensors[key].double().reshape(-1)
+        FU = world.fisher[("utility", "diag@base")].tensors[key].double().reshape(-1)  # SST's default point
+        FS = world.fisher[("safety", "diag@base")].tensors[key].double().reshape(-1)
         K = torch.kron(qo, qi)  # vec(qo M qi^T) = K vec(M), row-major
         FUs, FSs = K.T @ (FU[:, None] * K), K.T @ (FS[:, None] * K)
         FUd = FUs + gamma * torch.trace(FUs) / FUs.shape[0] * torch.eye(FUs.shape[0], dtype=FUs.dtype)

@@ -21,7 +21,7 @@ def _fisher_dir(fisher: dict, path):
 
     path.mkdir(parents=True, exist_ok=True)
     for (role, kind), fr in fisher.items():
-        FisherResult(kind, dict(fr.tensors), dict(fr.meta)).save(path / f"{role}.{kind}.safetensors")
+        FisherResult(fr.kind, dict(fr.tensors), dict(fr.meta)).save(path / f"{role}.{kind}.safetensors")
     return path
 
 
@@ -159,7 +159,7 @@ def test_failure_in_a_later_layer_leaves_no_output_and_no_fallback(world, fisher
         if kind == "kfac":
             last = sorted(k for k in t if k.endswith(".A"))[-1]
             t[last] = torch.zeros_like(t[last])
-        f[(role, kind)] = SimpleNamespace(kind=kind, tensors=t, meta={})
+        f[(role, kind)] = SimpleNamespace(kind=fr.kind, tensors=t, meta={})
     out = tmp_path / "o"
     _bad(_common(world, out, "sst") + ["--curvature", "kfac", "--fisher", _fisher_dir(f, tmp_path / "fz")], capsys, out, "zero", "SST-Merge stops")
     # an existing output directory is left as it was when a run fails

@@ -89,8 +89,8 @@ def test_cli_estimates_the_fisher_from_data(chat_world, tmp_path, capsys):
                            "--fisher-cache", str(tmp_path / "fc"), "--backend", "torch", "--no-progress", "--dense"])
     assert code == 0, capsys.readouterr().err
     assert (out / "diagnostics.json").exists() and (out / "fused" / "tokenizer.json").exists()
-    assert sorted(p.name for p in (tmp_path / "fc").glob("*.safetensors")) == ["safety.diag_sub.safetensors",
-                                                                               "utility.diag_sub.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "fc").glob("*.safetensors")) == ["safety.diag_sub@base.safetensors",
+                                                                               "utility.diag_sub@base.safetensors"]
     capsys.readouterr()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [}\n')
@@ -173,13 +173,16 @@ def test_sst_and_fisher_avg_read_the_fisher_at_the_point_they_ask_for(chat_world
     fi = fisher_inputs(["sst", "fisher_avg"], str(base), u, s, safety_rows=SAFETY, utility_rows=UTILITY,
                        backend="torch", options=opts)
     a = merge("sst", base, u, s, alpha=1.0, fisher=fi, fisher_at="base")
+    assert merge("sst", base, u, s, alpha=1.0, fisher=fi).diagnostics["summary"]["fisher_at"] == "base"  # the default
     from sstmerge.errors import InputError
 
     with pytest.raises(InputError, match="needs the diag_sub Fisher"):
-        merge("sst", base, u, s, alpha=1.0, fisher=fi)  # the own-point Fisher was not computed
-    own = fisher_inputs(["sst"], str(base), u, s, safety_rows=SAFETY, utility_rows=UTILITY, backend="torch")
-    b = merge("sst", base, u, s, alpha=1.0, fisher=own)
+        merge("sst", base, u, s, alpha=1.0, fisher=fi, fisher_at="own")  # the own-point Fisher was not computed
+    own = fisher_inputs(["sst"], str(base), u, s, safety_rows=SAFETY, utility_rows=UTILITY, backend="torch",
+                        options={"sst": {"fisher_at": "own"}})
+    b = merge("sst", base, u, s, alpha=1.0, fisher=own, fisher_at="own")
     assert any(not torch.allclose(a.layers[n].delta(), b.layers[n].delta()) for n in a.layers)
+    assert needs(["sst"], {"sst": {"curvature": "kfac"}}) == [("safety", "kfac"), ("utility", "kfac")]  # own point
     merge("fisher_avg", base, u, s, alpha=1.0, fisher=fi, fisher_at="merged")
 
     with pytest.raises(InputError, match="needs curvature='diag'"):

@@ -68,10 +68,12 @@ def make_fisher(utility: Path, safety: Path, base: Path, seed=5) -> dict:
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for role in ("utility", "safety"):
-        diag, subs, kfac = {}, {}, {}
+        diag, diag_base, subs, kfac = {}, {}, {}, {}
         for name, (qi, qo) in sub.items():
             O, I = shapes[name]
             diag[f"base_model.model.{name}.base_layer.weight"] = torch.rand(O, I, generator=gen) ** 2
+            # the Fisher at the base model (SST's default point) is another statistic: its own draw
+            diag_base[f"base_model.model.{name}.base_layer.weight"] = torch.rand(O, I, generator=gen) ** 2
             n = qi.shape[1] * qo.shape[1]
             subs[f"{name}.fisher"] = psd(n, gen)
             subs[f"{name}.q_in"], subs[f"{name}.q_out"] = qi.clone(), qo.clone()
@@ -80,6 +82,7 @@ def make_fisher(utility: Path, safety: Path, base: Path, seed=5) -> dict:
             kfac[f"{name}.q_in"], kfac[f"{name}.q_out"] = qi.clone(), qo.clone()
         meta = {"layers": json.dumps(sorted(sub))}
         out[(role, "diag")] = SimpleNamespace(kind="diag", tensors=diag, meta=dict(meta))
+        out[(role, "diag@base")] = SimpleNamespace(kind="diag", tensors=diag_base, meta=dict(meta))
         out[(role, "subspace")] = SimpleNamespace(kind="subspace", tensors=subs, meta=dict(meta))
         out[(role, "kfac")] = SimpleNamespace(kind="kfac", tensors=kfac, meta=dict(meta))
     return out

@@ -128,7 +128,8 @@ def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: in
     from .fisher.restrict import pool_shape, pool_sum, restrict_diag, tile_counts
     from .merge import METHODS
     from .merge.core import Context
-    from .merge.fisher_inputs import FisherInputs
+    from .merge import needs
+    from .merge.fisher_inputs import FisherInputs, split_kind
 
     gen = torch.Generator().manual_seed(seed)
     O, I = shape_oi
@@ -143,19 +144,25 @@ def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: in
     results = {}
     from types import SimpleNamespace
 
-    for role in ("utility", "safety"):
+    for role, kind_name in needs(list(METHODS)):  # each default method's statistic, at its default point
+        kind = split_kind(kind_name)[0]
         F = torch.rand(O, I, generator=gen) ** 2
-        po, pi = pool_shape(O, I, 1 << 20)
-        key = f"base_model.model.{name}.base_layer.weight"
-        results[(role, "diag_pool")] = SimpleNamespace(kind="diag", tensors={key: pool_sum(F, po, pi) / tile_counts(O, I, po, pi)},
-                                                       meta={"pool": json.dumps({key: [po, pi]})})
-        results[(role, "diag_sub")] = SimpleNamespace(kind="diag", meta={}, tensors={
-            f"{name}.fisher": restrict_diag(F, q_in, q_out).float(), f"{name}.q_in": q_in, f"{name}.q_out": q_out})
-        m_i, m_o = q_in.shape[1], q_out.shape[1]
-        X = torch.randn(m_i, 3 * m_i, generator=gen, dtype=torch.float64)
-        Y = torch.randn(m_o, 3 * m_o, generator=gen, dtype=torch.float64)
-        results[(role, "kfac")] = SimpleNamespace(kind="kfac", meta={}, tensors={
-            f"{name}.A": (X @ X.T).float(), f"{name}.G": (Y @ Y.T).float(), f"{name}.q_in": q_in, f"{name}.q_out": q_out})
+        if kind == "diag_pool":
+            po, pi = pool_shape(O, I, 1 << 20)
+            key = f"base_model.model.{name}.base_layer.weight"
+            results[(role, kind_name)] = SimpleNamespace(kind="diag", meta={"pool": json.dumps({key: [po, pi]})},
+                                                         tensors={key: pool_sum(F, po, pi) / tile_counts(O, I, po, pi)})
+        elif kind == "diag_sub":
+            results[(role, kind_name)] = SimpleNamespace(kind="diag", meta={}, tensors={
+                f"{name}.fisher": restrict_diag(F, q_in, q_out).float(), f"{name}.q_in": q_in, f"{name}.q_out": q_out})
+        elif kind == "kfac":
+            m_i, m_o = q_in.shape[1], q_out.shape[1]
+            X = torch.randn(m_i, 3 * m_i, generator=gen, dtype=torch.float64)
+            Y = torch.randn(m_o, 3 * m_o, generator=gen, dtype=torch.float64)
+            results[(role, kind_name)] = SimpleNamespace(kind="kfac", meta={}, tensors={
+                f"{name}.A": (X @ X.T).float(), f"{name}.G": (Y @ Y.T).float(), f"{name}.q_in": q_in, f"{name}.q_out": q_out})
+        else:
+            raise InputError(f"plan calibration: no synthetic {kind_name} Fisher; add one here")
     ctx = Context(base="", utility=U, safety=S, fisher=FisherInputs(results, key="calibration"))
     from .merge import DEFAULT_ALPHAS
 

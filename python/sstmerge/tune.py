@@ -41,8 +41,8 @@ from .errors import CliParser, InputError, cli_main
 #: Fisher averaging) also where the Fisher is taken (each adapter's model, the base, base+U+S), and
 #: for SST its rule (soft, or the additive safety-subspace rule with k directions per layer).
 GRID: dict[str, list[dict]] = {
-    "sst": [{}, {"fisher_at": "base"}, {"fisher_at": "merged"}, {"rule": "additive", "topk": 16},
-            {"rule": "additive", "topk": 16, "fisher_at": "base"}, {"rule": "additive", "topk": 64, "fisher_at": "base"}],
+    "sst": [{}, {"fisher_at": "own"}, {"fisher_at": "merged"}, {"rule": "additive", "topk": 16},
+            {"rule": "additive", "topk": 16, "fisher_at": "own"}, {"rule": "additive", "topk": 64}],
     "task_arithmetic": [{}, {"utility_weight": 0.8}, {"utility_weight": 1.2}, {"utility_weight": 0.6},
                         {"utility_weight": 1.4}, {"utility_weight": 0.4}],
     "ties": [{}, {"density": 0.1}, {"density": 0.4}, {"density": 0.7}, {"density": 0.05}, {"density": 0.9}],

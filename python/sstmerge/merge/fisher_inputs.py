@@ -50,7 +50,7 @@ from ..errors import InputError
 
 ROLES = ("utility", "safety")
 KINDS = ("diag", "diag_sub", "diag_pool", "subspace", "kfac")
-#: Model points a Fisher can be taken at (module docstring); ``own`` is the default.
+#: Model points a Fisher can be taken at (module docstring); a bare kind name is at ``own``.
 AT = ("own", "base", "merged")
 
 
@@ -123,7 +123,10 @@ def tensors_of(fr) -> Mapping[str, Tensor]:
 
 
 def as_inputs(fisher) -> FisherInputs | None:
-    """Accept FisherInputs, a directory, or ``{role: result}`` / ``{(role, kind): result}``."""
+    """Accept FisherInputs, a directory, or ``{role: result}`` / ``{(role, kind): result}``. The form
+    (diag / diag_sub / diag_pool ...) is read from each result; the model point from the key's kind
+    name (``diag@base``: :func:`at_kind`; a bare kind or ``{role: result}`` is at the adapters' own
+    models)."""
     if fisher is None or isinstance(fisher, FisherInputs):
         return fisher
     if isinstance(fisher, (str, Path)):
@@ -131,10 +134,13 @@ def as_inputs(fisher) -> FisherInputs | None:
     if isinstance(fisher, Mapping):
         out = {}
         for k, fr in fisher.items():
-            role = k[0] if isinstance(k, tuple) else k
+            role, name = k if isinstance(k, tuple) else (k, None)
             if role not in ROLES:
                 raise InputError(f"Fisher role must be one of {ROLES}, got {role!r}")
-            out[(role, _kind_of(fr))] = fr
+            at = split_kind(name)[1] if name else "own"
+            if at not in AT:
+                raise InputError(f"Fisher {role}.{name}: the model point must be one of {AT}, got {at!r}")
+            out[(role, at_kind(_kind_of(fr), at))] = fr
         return FisherInputs(out, key=_results_key(out))
     raise InputError(f"fisher must be a directory, a FisherInputs or a dict of Fisher results, got {type(fisher).__name__}")
 

@@ -15,9 +15,13 @@ Per target layer:
      accumulated restricted batch by batch; or an exact ``diag`` one restricted here), a dense
      [n, n] matrix there (the diagonal-Fisher signal, the one ``fisher_avg`` uses, but resolved
      direction by direction inside the subspace; measured best on the tiny world, docs/merge.md).
-   ``fisher_at``: where both Fishers are taken (diag only): ``"own"`` (default; each role at its
-   own adapter's model), ``"base"`` (the base model alone), ``"merged"`` (base + dU + dS)
-   (:mod:`sstmerge.merge.fisher_inputs`).
+   ``fisher_at``: where both Fishers are taken: ``"base"`` (the base model alone), ``"own"`` (each
+   role at its own adapter's model), ``"merged"`` (base + dU + dS)
+   (:mod:`sstmerge.merge.fisher_inputs`); only ``"own"`` for the exact/kfac/input curvatures (taken
+   in the LoRA parameters). The default (None) is ``"base"`` for ``diag`` and ``"own"`` for the others
+   (:func:`fisher_point`). ``base`` is the diag default because it scored best on the dev splits of
+   both worlds (docs/merge.md, "Tuning on dev"): at its own model the safety Fisher is small exactly
+   where the safety adapter moved the weights (λ < 1 everywhere on the tiny world).
    The utility side is damped: ``F_U + gamma_abs I`` (exact, diag) or ``(G_U + g_G I) ⊗ (A_U + g_A I)``
    (kfac / input; no G damping for input), with each ``gamma_abs = gamma * tr(F)/dim`` of the utility
    factor (of the safety one if the utility's is zero; both zero is an error).
@@ -61,7 +65,7 @@ from .fisher_inputs import at_kind, diag_restricted, kfac_block, subspace_block
 RULES = ("soft", "hard", "topk", "additive")
 CURVATURES = ("exact", "kfac", "input", "diag")
 DEFAULTS = {"rule": "soft", "curvature": "diag", "gamma": 1e-4, "threshold": 4.0, "topk": None, "rank": None,
-            "fisher_at": "own"}
+            "fisher_at": None}
 #: Components below this fraction of an update's largest eigen-coordinate count as absent.
 PRESENT_RTOL = 1e-6
 SPECTRUM_LEN = 32
@@ -73,8 +77,17 @@ def _kind(curvature: str) -> str:
     return {"exact": "subspace", "diag": "diag_sub"}.get(curvature, "kfac")
 
 
+def fisher_point(curvature: str, fisher_at: str | None) -> str:
+    """The model point the Fisher is taken at: ``fisher_at``, or by default ``"base"`` for the diag
+    curvature and ``"own"`` for the others (module docstring)."""
+    if fisher_at is None:
+        return "base" if curvature == "diag" else "own"
+    return fisher_at
+
+
 def _fisher(opts):
-    curvature, at = opts.get("curvature", DEFAULTS["curvature"]), opts.get("fisher_at", DEFAULTS["fisher_at"])
+    curvature = opts.get("curvature", DEFAULTS["curvature"])
+    at = fisher_point(curvature, opts.get("fisher_at", DEFAULTS["fisher_at"]))
     if at != "own" and curvature != "diag":
         raise InputError(f"sst: fisher_at={at!r} needs curvature='diag' (the other curvatures are taken in the "
                          "adapters' LoRA parameters, at their own model)")
@@ -246,7 +259,7 @@ def _at(p: dict, name: str, alpha: float, rule, threshold, topk, rank):
 
 def sweep(ctx: Context, alphas, *, rule: str = DEFAULTS["rule"], curvature: str = DEFAULTS["curvature"],
           gamma: float = DEFAULTS["gamma"], threshold: float = DEFAULTS["threshold"], topk: int | None = None,
-          rank: int | None = None, fisher_at: str = DEFAULTS["fisher_at"]):
+          rank: int | None = None, fisher_at: str | None = DEFAULTS["fisher_at"]):
     if rule not in RULES:
         raise InputError(f"sst: rule must be one of {RULES}, got {rule!r}")
     if curvature not in CURVATURES:
@@ -260,6 +273,7 @@ def sweep(ctx: Context, alphas, *, rule: str = DEFAULTS["rule"], curvature: str 
     if ctx.fisher is None:
         raise InputError("sst needs the Fisher of both objectives: pass --fisher DIR or --safety-data/--utility-data")
     _fisher({"curvature": curvature, "fisher_at": fisher_at})  # validates the pair
+    fisher_at = fisher_point(curvature, fisher_at)
     kind = _kind(curvature)
     if kind == "diag_sub":  # a diag_sub or an exact diag result, read per layer by diag_restricted
         kinds = (at_kind("diag_sub", fisher_at), at_kind("diag", fisher_at))
@@ -274,7 +288,7 @@ def sweep(ctx: Context, alphas, *, rule: str = DEFAULTS["rule"], curvature: str 
         p = _pencil(ctx, name, FUr, FSr, curvature, gamma, fisher_at)  # once per layer for all alphas
         for j, a in enumerate(alphas):
             layers[j][name], diags[j][name] = _at(p, name, a, rule, threshold, topk, rank)
-    return [(L, {"summary": _summary(d), "layers": d}) for L, d in zip(layers, diags)]
+    return [(L, {"summary": {**_summary(d), "fisher_at": fisher_at}, "layers": d}) for L, d in zip(layers, diags)]
 
 
 def _summary(diags: dict) -> dict:
