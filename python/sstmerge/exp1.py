@@ -437,7 +437,8 @@ def evaluate_models(cfg: Config, prep: Prepared, adapters: dict[str, str | None]
 
     items_key = {"harmful": [r["id"] for r in prep.harmful], "benign": [r["id"] for r in prep.benign],
                  "mmlu": [r["id"] for r in prep.mmlu], "hashes": prep.hashes, "k_shot": cfg.k_shot,
-                 "max_new_tokens": cfg.max_new_tokens, "adapters_applied": "fused"}
+                 "max_new_tokens": cfg.max_new_tokens, "adapters_applied": "fused",
+                 "refusal_stop": "settled_refusal"}  # refused outputs end at their first complete refusing sentence
     loaded = {}
 
     def base_model():

@@ -20,6 +20,11 @@ row, and runs only the suffixes, left-padded after the prefix::
 Each real token sees the positions and the keys it sees alone (the pads are masked), as in the
 plain left-padded layout; P is capped so that every row keeps at least one suffix token.
 
+``stop`` (optional): a predicate on a row's decoded text so far; a row for which it is True leaves
+the batch like an ended one, its output cut there. Refusal evaluation passes
+:func:`sstmerge.eval.refusal.settled_refusal`, true only once no continuation can change the
+keyword verdict, so the verdicts are those of the uncut outputs.
+
 The loop is written here rather than delegated to ``model.generate`` so that nothing from a model's
 ``generation_config`` (sampling flags, repetition penalties, forced tokens) can change the decoding:
 the result is a pure function of the model, the tokenizer and the prompts. In fp32 the batch size
@@ -30,7 +35,7 @@ differences between batch shapes can flip a near-tie.
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -140,8 +145,10 @@ def _prefill(model, input_ids: list[list[int]], pad_id: int, device, cache_kw: s
 
 
 @torch.inference_mode()
-def greedy_batch(model, input_ids: list[list[int]], *, max_new_tokens: int, eos_ids: set[int], pad_id: int) -> list[list[int]]:
-    """Greedy continuation token ids (without the eos) for one batch of token-id prompts."""
+def greedy_batch(model, input_ids: list[list[int]], *, max_new_tokens: int, eos_ids: set[int], pad_id: int,
+                 stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+    """Greedy continuation token ids (without the eos) for one batch of token-id prompts; with ``stop``,
+    a row also ends once ``stop(its tokens so far)`` is True."""
     device = model_device(model)
     n = len(input_ids)
     eos = torch.tensor(sorted(eos_ids), device=device)
@@ -156,6 +163,10 @@ def greedy_batch(model, input_ids: list[list[int]], *, max_new_tokens: int, eos_
         for r, t, e in zip(rows, nxt.tolist(), ended.tolist()):
             if not e:
                 result[r].append(t)
+        if stop is not None:
+            settled = [not e and stop(result[r]) for r, e in zip(rows, ended.tolist())]
+            if any(settled):
+                ended = ended | torch.tensor(settled, device=device)
         if bool(ended.all()) or step == max_new_tokens - 1:
             break
         if bool(ended.any()):  # drop the ended rows (and their cache): no live row reads them
@@ -190,8 +201,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_batch_tok
 
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 16,
-             progress: bool = False) -> list[str]:
-    """Greedy chat completions of ``prompts`` (one user turn each), in the input order."""
+             progress: bool = False, stop: Callable[[str], bool] | None = None) -> list[str]:
+    """Greedy chat completions of ``prompts`` (one user turn each), in the input order. ``stop``: see
+    the module docstring (a predicate on the decoded text so far)."""
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = list(prompts)
@@ -201,6 +213,10 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     eos = eos_token_ids(model, tokenizer)
     pad = pad_token_id(tokenizer)
     outputs: list[str | None] = [None] * len(prompts)
+    stop_ids = None
+    if stop is not None:
+        def stop_ids(toks: list[int]) -> bool:
+            return stop(tokenizer.decode(toks, skip_special_tokens=True))
     batches = length_sorted_batches([len(e) for e in encoded], batch_size)
     it = batches
     if progress:
@@ -210,7 +226,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     model.eval()
     try:
         for batch in it:
-            toks = greedy_batch(model, [encoded[i] for i in batch], max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
+            toks = greedy_batch(model, [encoded[i] for i in batch], max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad,
+                                stop=stop_ids)
             for i, t in zip(batch, toks):
                 outputs[i] = tokenizer.decode(t, skip_special_tokens=True).strip()
     finally:
