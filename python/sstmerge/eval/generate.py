@@ -8,10 +8,10 @@ padded row sees exactly what it would see alone. Decoding is greedy (``argmax``;
 lowest token id) with a KV cache, stops per row at any of the tokenizer's / model's end-of-sequence
 ids, and stops for the batch when every row has ended or ``max_new_tokens`` is reached.
 
-Shared prefix: a batch's prompts usually open with the same tokens (the chat template's system turn:
-26 of SmolLM2's 40-54 prompt tokens). Their keys and values do not depend on what follows (causal
-attention), so the prefill runs the longest common token prefix P once, copies its cache to every
-row, and runs only the suffixes, left-padded after the prefix::
+Shared prefix: a batch's prompts usually open with the same tokens (the chat template's system
+turn: 24 of SmolLM2's 40-54 tokens on its harmful test prompts). Their keys and values do not depend
+on what follows (causal attention), so the prefill runs the longest common token prefix P once,
+copies its cache to every row, and runs only the suffixes, left-padded after the prefix::
 
     tokens    [ p_0 .. p_{P-1} | pad .. pad s_0 .. s_{k-1} ]
     mask      [ 1   ..  1      |  0  ..  0   1  ..  1      ]
