@@ -20,8 +20,9 @@ Per target layer:
    (:mod:`sstmerge.merge.fisher_inputs`); only ``"own"`` for the exact/kfac/input curvatures (taken
    in the LoRA parameters). The default (None) is ``"base"`` for ``diag`` and ``"own"`` for the others
    (:func:`fisher_point`). ``base`` is the diag default because it scored best on the dev splits of
-   both worlds (docs/merge.md, "Tuning on dev"): at its own model the safety Fisher is small exactly
-   where the safety adapter moved the weights (λ < 1 everywhere on the tiny world).
+   both worlds (docs/merge.md, "Tuned on dev, reported on test"): at its own model the safety
+   Fisher is small exactly where the safety adapter moved the weights (λ < 1 everywhere on the tiny
+   world).
    The utility side is damped: ``F_U + gamma_abs I`` (exact, diag) or ``(G_U + g_G I) ⊗ (A_U + g_A I)``
    (kfac / input; no G damping for input), with each ``gamma_abs = gamma * tr(F)/dim`` of the utility
    factor (of the safety one if the utility's is zero; both zero is an error).
