@@ -4,7 +4,7 @@ Backends:
   ``torch``  the pure-torch reference; always usable; every other backend is tested against it.
   ``cpp``    the compiled C++ CPU kernels (``sstmerge._C``), CPU tensors.
   ``cuda``   the compiled CUDA kernels (``sstmerge._C_cuda``), CUDA tensors.
-  ``triton`` the Triton kernels (``sstmerge/kernels``), CUDA tensors, or CPU tensors when
+  ``triton`` the Triton kernels (``sstmerge.kernels``), CUDA tensors, or CPU tensors when
              ``TRITON_INTERPRET=1`` runs them in the interpreter.
 
 ``auto`` picks, for a tensor's device, the first usable backend of: cpu -> cpp, torch;
