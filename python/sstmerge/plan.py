@@ -126,9 +126,8 @@ def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: in
 
     from . import adapters as ad
     from .fisher.restrict import pool_shape, pool_sum, restrict_diag, tile_counts
-    from .merge import METHODS
+    from .merge import METHODS, needs
     from .merge.core import Context
-    from .merge import needs
     from .merge.fisher_inputs import FisherInputs, split_kind
 
     gen = torch.Generator().manual_seed(seed)
