@@ -207,16 +207,21 @@ def _subspaces(model):
     return subs
 
 
-def test_bounded_diag_forms_equal_the_full_diag_restricted_and_pooled(model, batches):
+@pytest.mark.parametrize("dense_bytes", [None, 0], ids=["summed-then-restricted", "restricted-per-batch"])
+def test_bounded_diag_forms_equal_the_full_diag_restricted_and_pooled(model, batches, dense_bytes, monkeypatch):
+    from sstmerge.fisher import estimator
     from sstmerge.fisher.restrict import pool_shape, restrict_diag
 
+    if dense_bytes is not None:  # below every layer's [O, I]: the bounded path of 7-14B models
+        monkeypatch.setattr(estimator, "DENSE_SUB_MAX_BYTES", dense_bytes)
     full = estimate(model, batches, kind="diag", target="linear", backend="torch", progress=False)
     subs = _subspaces(model)
     sub = estimate(model, batches, kind="diag", target="linear", subspaces=subs, backend="torch", progress=False)
     for layer, (q_in, q_out) in subs.items():
         want = restrict_diag(full[f"base_model.model.{layer}.base_layer.weight"], q_in, q_out)
         # the full F is the fp32 sum of 3 batch Fishers (<= 2 eps rel. per entry), restricted exactly in fp64; by
-        # Cauchy-Schwarz on the PSD result that error is <= 2 eps x its largest (diagonal) entry; + fp32 storage
+        # Cauchy-Schwarz on the PSD result that error is <= 2 eps x its largest (diagonal) entry; + fp32 storage.
+        # Summed-then-restricted is that same computation; per batch adds only fp64 round-off.
         assert_rel(sub[f"{layer}.fisher"].double(), want, 4 * torch.finfo(torch.float32).eps, layer)
         assert torch.equal(sub[f"{layer}.q_in"], q_in.float())
     pool_max = 200  # q_proj is 32 x 32 = 1024 entries, v_proj 16 x 32 = 512: both pooled
@@ -234,6 +239,39 @@ def test_bounded_diag_forms_equal_the_full_diag_restricted_and_pooled(model, bat
         estimate(model, batches, kind="diag", subspaces=subs, progress=False)
     with pytest.raises(InputError, match="give one"):
         estimate(model, batches, kind="diag", target="linear", subspaces=subs, pool_max=10, progress=False)
+
+
+@pytest.mark.parametrize("fisher,samples", [("empirical", 1), ("true", 2)])
+def test_estimate_many_equals_separate_estimates(model, batches, fisher, samples):
+    """One shared forward/backward per batch gives each spec what its own estimate gives: the same
+    graph and the same gradients at every hooked output, so equal up to the ops' summation order."""
+    from sstmerge.fisher import estimate_many
+
+    subs = _subspaces(model)
+    specs = [dict(kind="diag", target="linear", pool_max=200), dict(kind="kfac", subspaces=subs),
+             dict(kind="diag", target="linear", subspaces=subs), dict(kind="diag"),
+             dict(kind="subspace", subspaces=subs, meta={"tag": "x"})]
+    common = dict(fisher=fisher, samples=samples, seed=5, backend="torch", progress=False)
+    joint = estimate_many(model, batches, specs, **common)
+    assert len(joint) == len(specs)
+    for spec, got in zip(specs, joint):
+        want = estimate(model, batches, **spec, **common)
+        assert got.kind == want.kind and sorted(got) == sorted(want)
+        for k in ("options", "n_samples", "n_tokens", "pool", "params", "layers", "data_hash"):
+            assert got.meta.get(k) == want.meta.get(k), k
+        for name in want:
+            if want[name].abs().max() > 0:
+                # equal sums; only the order of fp32 additions inside the ops may differ
+                assert_rel(got[name], want[name], 8 * torch.finfo(torch.float32).eps, f"{spec['kind']} {name}")
+            else:
+                assert torch.equal(got[name], want[name])
+    assert joint[-1].meta["tag"] == "x"
+    with pytest.raises(InputError, match="unknown"):
+        estimate_many(model, batches, [dict(kind="diag", fisher="true")], progress=False)
+    with pytest.raises(InputError, match="non-empty list"):
+        estimate_many(model, batches, dict(kind="diag"), progress=False)
+    with pytest.raises(InputError, match="kind must be one of"):
+        estimate_many(model, batches, [dict(kind="diag"), dict(kind="full")], progress=False)
 
 
 def test_accumulators_live_on_each_layers_device(model):

@@ -49,21 +49,28 @@ def chat_world(tmp_path_factory):
     return root, root / "base", u, s
 
 
-def test_fisher_inputs_compute_cache_and_feed_every_method(chat_world):
+def test_fisher_inputs_compute_cache_and_feed_every_method(chat_world, monkeypatch):
+    import sstmerge.fisher as fisher_pkg
+
     root, base, u, s = chat_world
     pairs = needs(list(METHODS), {"sst": {"curvature": "exact"}})
     # fisher_avg pools the diagonal into tiles (diag_pool), RegMean needs kfac, SST exact the subspace
     assert pairs == sorted({(r, k) for r in ("utility", "safety") for k in ("diag_pool", "kfac", "subspace")})
+    passes = []
+    real = fisher_pkg.estimate_many
+    monkeypatch.setattr(fisher_pkg, "estimate_many", lambda m, b, specs, **kw: passes.append(len(specs)) or real(m, b, specs, **kw))
     cache = root / "fcache"
     fi = fisher_inputs(list(METHODS), str(base), u, s, safety_rows=SAFETY, utility_rows=UTILITY, cache_dir=cache,
                        backend="torch", options={"sst": {"curvature": "exact"}})
     assert sorted(fi.results) == pairs
+    assert passes == [3, 3]  # the three kinds of each role share one pass (all at the role's own model)
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
     assert len(stamps) == 6
     again = fisher_inputs(list(METHODS), str(base), u, s, safety_rows=SAFETY, utility_rows=UTILITY, cache_dir=cache,
                           backend="torch", options={"sst": {"curvature": "exact"}})
     assert again.key == fi.key
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == stamps  # loaded, not recomputed
+    assert passes == [3, 3]
     U = ad.load_adapter(u)
     for m in METHODS:  # each with the options the Fisher was computed for
         res = merge(m, base, u, s, alpha=1.0, fisher=fi, backend="torch", **({"curvature": "exact"} if m == "sst" else {}))

@@ -23,9 +23,11 @@ kind="diag"      F[p] = sum_b G_b[p]^2 for every weight p of the target paramete
                  the LoRA scaling); target="linear": the base weights of the target layers.
                  Bounded forms (target="linear", :mod:`sstmerge.fisher.restrict`), for models whose
                  [O, I] accumulators would not fit (DESIGN.md §10):
-                 * with ``subspaces``: each batch's F is restricted to the layer's subspace as it is
-                   produced, "<layer>.fisher" = sum_batches K^T diag(vec F_batch) K [n, n]
-                   (K = q_out ⊗ q_in, n = m_o m_i), plus "<layer>.q_in", "<layer>.q_out";
+                 * with ``subspaces``: F restricted to the layer's subspace,
+                   "<layer>.fisher" = K^T diag(vec F) K [n, n] (K = q_out ⊗ q_in, n = m_o m_i), plus
+                   "<layer>.q_in", "<layer>.q_out". The restriction is linear in F: when the layers'
+                   fp32 [O, I] sums fit DENSE_SUB_MAX_BYTES they are summed and restricted once,
+                   otherwise each batch's F is restricted as it is produced (no [O, I] accumulator);
                  * with ``pool_max=N``: a layer with O I > N keeps the mean of F over (po x pi)
                    tiles [ceil(O/po), ceil(I/pi)] under its parameter name; meta "pool" maps the
                    parameter name to [po, pi] (layers with O I <= N are exact).
@@ -55,7 +57,8 @@ Fishers, so it is on the scale of the empirical one: F = (1/K) sum_k sum_b G_bk 
 reduction="sum" returns the sums above; reduction="mean" divides every accumulated tensor by
 n_samples (the number of sequences).
 
-Mechanics: one forward and one backward per batch (K backwards for the true Fisher): forward hooks
+Mechanics: one forward and one backward per batch (K backwards for the true Fisher), shared by
+every estimate of one :func:`estimate_many` call: forward hooks
 record each target site's input and output tensor; ``torch.autograd.grad`` gives the gradients at
 the outputs (no parameter ``.grad`` is touched, no weight gradient is computed); the sstmerge ops
 (``diag_fisher_linear``, ``subspace_grads``, ``kfac_factor``, ``kfac_sketch``) do the per-sample
@@ -65,9 +68,11 @@ off) and its train/eval flags are restored afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -85,6 +90,10 @@ from .restrict import pool_shape, pool_sum, restrict_diag, tile_counts
 from .result import FisherResult, tensor_bytes
 
 DENSE_MAX_WIDTH = 4096  # kfac with sketch_dim: layers wider than this are sketched
+#: diag with subspaces: when the subspace layers' fp32 [O, I] sums take at most this much memory in all,
+#: they are summed over the batches and restricted once; otherwise each batch's F is restricted as it
+#: comes (the bounded form for 7-14B models, DESIGN.md §10). The same numbers up to fp32 round-off.
+DENSE_SUB_MAX_BYTES = 1 << 30
 ORTHONORMAL_TOL = 1e-3
 IGNORE = -100
 _FORMAT_OPTIONS = 1  # bump when the meaning of a stored estimate changes
@@ -183,9 +192,13 @@ class _Plan:
         self.acc: dict[str, Tensor] = {}
         self.extra: dict[str, Tensor] = {}  # stored as they are (bases, omegas)
         self.pools: dict[str, tuple[int, int]] = {}  # diag with pool_max: param name -> (po, pi)
+        # diag with subspaces: key -> (fp32 [O, I] sum, (q_in, q_out)), restricted once by flush_dense
+        self.dense: dict[str, tuple[Tensor, tuple[Tensor, Tensor]]] = {}
         self.updates = []  # per site: callable(x, g, mask, weight)
         if kind == "diag":
             self.sites = lora_sites(model, layers) if target == "lora" else base_sites(model, layers)
+            dense_sub = bool(subspaces) and 4 * sum(
+                math.prod(s.weight_shape) for s in self.sites if s.layer in subspaces) <= DENSE_SUB_MAX_BYTES
             for s in self.sites:
                 device = site_device(s.module)
                 q = subspaces.get(s.layer) if subspaces else None
@@ -194,7 +207,12 @@ class _Plan:
                     self.extra[f"{s.layer}.q_in"], self.extra[f"{s.layer}.q_out"] = q
                     n = q[0].shape[1] * q[1].shape[1]
                     self.acc[key] = torch.zeros(n, n, dtype=torch.float64, device=device)
-                    self.updates.append(self._diag_sub(key, *(t.to(device) for t in q)))
+                    q = tuple(t.to(device) for t in q)
+                    if dense_sub:
+                        self.dense[key] = (torch.zeros(s.weight_shape, dtype=torch.float32, device=device), q)
+                        self.updates.append(self._diag(key, self.dense[key][0]))
+                    else:
+                        self.updates.append(self._diag_sub(key, *q))
                     continue
                 po, pi = pool_shape(*s.weight_shape, pool_max)
                 if (po, pi) != (1, 1):
@@ -236,9 +254,11 @@ class _Plan:
         self.acc[f"{name}.A"] = torch.zeros(di, di, dtype=torch.float32, device=device)
         self.acc[f"{name}.G"] = torch.zeros(do, do, dtype=torch.float32, device=device)
 
-    def _diag(self, key):
+    def _diag(self, key, into: Tensor | None = None):
+        acc = self.acc[key] if into is None else into
+
         def up(x, g, mask, w):
-            self.acc[key].add_(ops.diag_fisher_linear(x, g, mask, backend=self.backend), alpha=w)
+            acc.add_(ops.diag_fisher_linear(x, g, mask, backend=self.backend), alpha=w)
         return up
 
     def _diag_sub(self, key, q_in, q_out):
@@ -252,6 +272,12 @@ class _Plan:
             F = ops.diag_fisher_linear(x, g, mask, backend=self.backend)
             self.acc[key].add_(pool_sum(F, po, pi), alpha=w)
         return up
+
+    def flush_dense(self) -> None:
+        """Restrict each dense diag_sub sum once (exact: the restriction is linear in F) and free it."""
+        for key, (F, q) in self.dense.items():
+            self.acc[key].add_(restrict_diag(F, *q))
+        self.dense.clear()
 
     def finish_pools(self) -> None:
         """Tile sums -> tile means (after the reduction over batches and ranks)."""
@@ -429,95 +455,183 @@ def estimate(
     Returns a :class:`FisherResult` with fp32 CPU tensors. Raises InputError for bad options,
     missing target layers, empty data, and (as NonFiniteError) a NaN/Inf gradient or input.
     """
-    _check_options(kind, target, fisher, samples, reduction, sketch_dim, subspaces, meta, pool_max)
-    if torch.is_inference_mode_enabled():
-        raise InputError("estimate needs autograd: call it outside torch.inference_mode()")
+    common = _Common(fisher, samples, seed, reduction, backend)
+    job = _job(model, common, dict(kind=kind, target=target, subspaces=subspaces, target_modules=target_modules,
+                                   sketch_dim=sketch_dim, meta=meta, pool_max=pool_max))
+    if cache_dir is None:
+        return _estimate_jobs(model, batches, [job], common, progress)[0]
     device = _model_device(model)
+    accepts_pos = _accepts(model, "position_ids")
+    batches = list(batches)
+    h = hashlib.sha256()
+    for i, b in enumerate(batches):
+        kw, _, labels = _prepare(b, i, "cpu", accepts_pos)
+        _batch_hash(h, kw, labels)
+    data_h = dist.combine_hashes(h.hexdigest())
+    model_h = _cache.model_hash(model, _cache.describe(model))
+    entry = _cache.path_for(cache_dir, _cache.key(model_h, data_h, job.options))
+    hit = _cache.load(entry)
+    if dist.all_true(hit is not None, device):
+        hit.meta.update(dict(meta or {}))
+        hit.meta["cache"] = f"hit {entry}"
+        return hit
+    result = _estimate_jobs(model, batches, [job], common, progress)[0]
+    result.meta["model_hash"] = model_h
+    if dist.rank() == 0:
+        result.save(entry)
+    result.meta["cache"] = f"miss {entry}"
+    return result
+
+
+#: The keys of one request to :func:`estimate_many` (the per-estimate options of :func:`estimate`).
+SPEC_KEYS = ("kind", "target", "subspaces", "target_modules", "sketch_dim", "meta", "pool_max")
+
+
+def estimate_many(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    specs: Sequence[Mapping[str, Any]],
+    *,
+    fisher: str = "empirical",
+    samples: int = 1,
+    seed: int = 0,
+    reduction: str = "sum",
+    backend: str = "auto",
+    progress: bool = True,
+    desc: Optional[str] = None,
+) -> list[FisherResult]:
+    """Several estimates from **one** forward and backward per batch: ``specs[j]`` holds
+    :data:`SPEC_KEYS` options (as :func:`estimate`'s); result j is ``estimate(model, batches, **specs[j],
+    fisher=..., ...)`` (the same sums; every site of every spec is hooked in the same pass). The
+    estimates share the label draws of ``fisher="true"``. Each result's ``peak_memory_bytes`` is the
+    joint pass's. ``desc`` labels the progress bar."""
+    if isinstance(specs, Mapping) or not specs:
+        raise InputError("specs must be a non-empty list of dicts of estimate options (kind, target, ...)")
+    common = _Common(fisher, samples, seed, reduction, backend)
+    jobs = []
+    for j, spec in enumerate(specs):
+        unknown = sorted(set(spec) - set(SPEC_KEYS)) if isinstance(spec, Mapping) else None
+        if unknown is None or unknown:
+            raise InputError(f"specs[{j}] must be a dict with keys among {SPEC_KEYS}"
+                             + (f"; got unknown {unknown}" if unknown else ""))
+        jobs.append(_job(model, common, spec))
+    return _estimate_jobs(model, batches, jobs, common, progress, desc)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Common:
+    """The options every estimate of one pass shares."""
+
+    fisher: str
+    samples: int
+    seed: int
+    reduction: str
+    backend: str
+
+
+@dataclasses.dataclass
+class _Job:
+    """One requested estimate: its validated options, target layers and subspaces."""
+
+    kind: str
+    target: str
+    layers: list
+    subs: dict
+    sketch_dim: Optional[int]
+    pool_max: Optional[int]
+    meta: Optional[Mapping[str, str]]
+    options: dict
+
+
+def _job(model, c: _Common, spec: Mapping[str, Any]) -> _Job:
+    kind, target = spec.get("kind", "diag"), spec.get("target", "lora")
+    subspaces, sketch_dim, pool_max = spec.get("subspaces"), spec.get("sketch_dim"), spec.get("pool_max")
+    target_modules, meta = spec.get("target_modules"), spec.get("meta")
+    _check_options(kind, target, c.fisher, c.samples, c.reduction, sketch_dim, subspaces, meta, pool_max)
     layers = find_layers(model, target, target_modules)
     subs = _check_subspaces(subspaces, layers) if subspaces else {}
     if subs:
         layers = [L for L in layers if L.name in subs]
-    resolved = resolve_backend(backend, device)  # fails early for an unusable explicit backend
     options = {
-        "format": _FORMAT_OPTIONS, "kind": kind, "target": target, "fisher": fisher,
-        "samples": samples, "seed": seed, "reduction": reduction, "sketch_dim": sketch_dim,
+        "format": _FORMAT_OPTIONS, "kind": kind, "target": target, "fisher": c.fisher,
+        "samples": c.samples, "seed": c.seed, "reduction": c.reduction, "sketch_dim": sketch_dim,
         "dense_max_width": DENSE_MAX_WIDTH if sketch_dim is not None else None,
         "target_modules": list(target_modules) if target_modules is not None else None,
         "layers": [L.name for L in layers],
         "subspaces": _subspace_hash(subs) if subs else None,
         **({"pool_max": pool_max} if pool_max is not None else {}),
     }
+    return _Job(kind, target, layers, subs, sketch_dim, pool_max, meta, options)
+
+
+class _Joint:
+    """The sites and per-site updates of several plans, run in one pass (sites in plan order)."""
+
+    def __init__(self, plans: list[_Plan]):
+        self.sites = [s for p in plans for s in p.sites]
+        self.updates = [u for p in plans for u in p.updates]
+
+
+def _estimate_jobs(model, batches, jobs: list[_Job], c: _Common, progress: bool,
+                   desc: Optional[str] = None) -> list[FisherResult]:
+    if torch.is_inference_mode_enabled():
+        raise InputError("estimate needs autograd: call it outside torch.inference_mode()")
+    device = _model_device(model)
+    resolved = resolve_backend(c.backend, device)  # fails early for an unusable explicit backend
     accepts_pos = _accepts(model, "position_ids")
-
-    desc = _cache.describe(model)
-    model_h = entry = None
-    if cache_dir is not None:
-        batches = list(batches)
-        h = hashlib.sha256()
-        for i, b in enumerate(batches):
-            kw, _, labels = _prepare(b, i, "cpu", accepts_pos)
-            _batch_hash(h, kw, labels)
-        data_h = dist.combine_hashes(h.hexdigest())
-        model_h = _cache.model_hash(model, desc)
-        entry = _cache.path_for(cache_dir, _cache.key(model_h, data_h, options))
-        hit = _cache.load(entry)
-        if dist.all_true(hit is not None, device):
-            hit.meta.update(dict(meta or {}))
-            hit.meta["cache"] = f"hit {entry}"
-            return hit
-
-    plan = _Plan(model, kind, target, layers, subs, sketch_dim, seed, backend, pool_max)
+    described = _cache.describe(model)
+    plans = [_Plan(model, j.kind, j.target, j.layers, j.subs, j.sketch_dim, c.seed, c.backend, j.pool_max)
+             for j in jobs]
     mem = _PeakMemory(device)
+    label = desc or f"fisher ({'+'.join(j.kind for j in jobs)})"
     try:
-        counts, data_h_local = _run(model, batches, plan, fisher, samples, seed, device, accepts_pos,
-                                    progress, kind)
+        counts, data_h_local = _run(model, batches, _Joint(plans), c.fisher, c.samples, c.seed, device,
+                                    accepts_pos, progress, label)
+        for plan in plans:
+            plan.flush_dense()
     except BaseException:
         dist.raise_if_any_failed(True, device, "Fisher estimation")
         raise
     dist.raise_if_any_failed(False, device, "Fisher estimation")
 
-    accs = list(plan.acc.values())
+    accs = [t for plan in plans for t in plan.acc.values()]
     dist.all_reduce_sum_(accs)
     n_samples, n_tokens, n_real = dist.sum_ints(counts, device)
     if n_samples == 0:
         raise InputError("no data: the batches yielded no samples")
     if n_tokens == 0:
         raise InputError("no counted tokens: every label is -100 (or padding); nothing to estimate")
-    if reduction == "mean":
+    if c.reduction == "mean":
         for t in accs:
             t.div_(n_samples)
-    plan.finish_pools()
-
-    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in plan.acc.items()}
-    tensors.update({k: v.clone() for k, v in plan.extra.items()})
     cfg = getattr(model, "config", None)
-    out_meta = {
-        "model": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
-        **desc,
-        "data_hash": dist.combine_hashes(data_h_local),
-        "options": json.dumps(options, sort_keys=True),
-        "n_samples": str(n_samples),
-        "n_tokens": str(n_tokens),
-        "n_real_tokens": str(n_real),
-        "world_size": str(dist.world_size()),
-        "backend": resolved,
-        "peak_memory_bytes": str(mem.peak()),
-        "peak_memory_source": mem.source,
-        "layers": json.dumps([L.name for L in layers]),
-        "torch_version": torch.__version__,
-    }
-    if kind == "diag":
-        out_meta["params"] = json.dumps({s.param_name: s.layer for s in plan.sites})
-        if plan.pools:
-            out_meta["pool"] = json.dumps({k: list(v) for k, v in plan.pools.items()})
-    out_meta.update(dict(meta or {}))
-    result = FisherResult(kind, tensors, out_meta)
-    if entry is not None:
-        result.meta["model_hash"] = model_h
-        if dist.rank() == 0:
-            result.save(entry)
-        result.meta["cache"] = f"miss {entry}"
-    return result
+    results = []
+    for job, plan in zip(jobs, plans):
+        plan.finish_pools()
+        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in plan.acc.items()}
+        tensors.update({k: v.clone() for k, v in plan.extra.items()})
+        out_meta = {
+            "model": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
+            **described,
+            "data_hash": dist.combine_hashes(data_h_local),
+            "options": json.dumps(job.options, sort_keys=True),
+            "n_samples": str(n_samples),
+            "n_tokens": str(n_tokens),
+            "n_real_tokens": str(n_real),
+            "world_size": str(dist.world_size()),
+            "backend": resolved,
+            "peak_memory_bytes": str(mem.peak()),
+            "peak_memory_source": mem.source,
+            "layers": json.dumps([L.name for L in job.layers]),
+            "torch_version": torch.__version__,
+        }
+        if job.kind == "diag":
+            out_meta["params"] = json.dumps({s.param_name: s.layer for s in plan.sites})
+            if plan.pools:
+                out_meta["pool"] = json.dumps({k: list(v) for k, v in plan.pools.items()})
+        out_meta.update(dict(job.meta or {}))
+        results.append(FisherResult(job.kind, tensors, out_meta))
+    return results
 
 
 def _subspace_hash(subs) -> str:
@@ -529,7 +643,7 @@ def _subspace_hash(subs) -> str:
     return h.hexdigest()
 
 
-def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos, progress, kind):
+def _run(model, batches, plan: "_Plan | _Joint", fisher, samples, seed, device, accepts_pos, progress, desc):
     """The batch loop; returns ([n_samples, n_tokens, n_real_tokens], local data hash)."""
     from tqdm.auto import tqdm
 
@@ -544,7 +658,7 @@ def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos
     flags = {m: m.training for m in model.modules()}
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = tqdm(batches, total=total, disable=not progress or dist.rank() != 0,
-               desc=f"fisher ({kind})", unit="batch")
+               desc=desc, unit="batch")
     model.eval()
     try:
         with Capture(model, plan.sites) as cap, torch.enable_grad():
@@ -594,7 +708,7 @@ def _run(model, batches, plan: _Plan, fisher, samples, seed, device, accepts_pos
     return [n_samples, n_tokens, n_real], h.hexdigest()
 
 
-def _accumulate(plan: _Plan, cap: Capture, grads, am: Tensor, bi: int, w: float) -> None:
+def _accumulate(plan: "_Plan | _Joint", cap: Capture, grads, am: Tensor, bi: int, w: float) -> None:
     B, T = am.shape
     work = []  # (site index, x, g, mask)
     j = 0
@@ -621,7 +735,7 @@ def _accumulate(plan: _Plan, cap: Capture, grads, am: Tensor, bi: int, w: float)
         plan.updates[i](x, g, mask, w)
 
 
-def _check_finite(plan: _Plan, work, bi: int) -> None:
+def _check_finite(plan: "_Plan | _Joint", work, bi: int) -> None:
     """NaN/Inf anywhere in a captured gradient or input -> NonFiniteError naming the first layer.
 
     One fp32 sum per tensor and one host sync per batch: a sum is finite iff every term is (short

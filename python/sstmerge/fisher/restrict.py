@@ -8,8 +8,9 @@
   computed as ``P_out^T (F P_in)`` with ``P_in[i,(b,d)] = q_in[i,b] q_in[i,d]`` (b <= d only; the
   rest by symmetry) and ``P_out[o,(a,c)] = q_out[o,a] q_out[o,c]``, in fp64, over blocks of rows of
   F — never an I x m x O temporary (the largest is one [rows, I] fp64 block, bounded by ROW_BLOCK).
-  The restriction is linear in F, so the estimator applies it to each batch's Fisher as it is
-  produced and never holds a full [O, I] accumulator.
+  The restriction is linear in F: the estimator restricts the sum once where the layers' [O, I]
+  sums fit in memory, and otherwise each batch's Fisher as it is produced, never holding a full
+  [O, I] accumulator (``DENSE_SUB_MAX_BYTES`` in :mod:`sstmerge.fisher.estimator`).
 
 * :func:`pool_shape` / :func:`pool_mean` / :func:`unpool_rows` — the block-mean of F over
   (po x pi) tiles, with (po, pi) the smallest powers of two (doubled on the side with more

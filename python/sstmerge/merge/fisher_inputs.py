@@ -344,7 +344,8 @@ def _rows_hash(rows) -> str:
 def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_rows, utility_rows,
             cache_dir: str | Path | None = None, backend: str = "auto", seed: int = 0, progress: bool = False,
             batch_size: int = 4, fisher: str = "empirical", samples: int = 1) -> FisherInputs:
-    """Estimate the Fisher results ``pairs`` with :func:`sstmerge.fisher.estimate`.
+    """Estimate the Fisher results ``pairs`` with :func:`sstmerge.fisher.estimate_many`: the kinds of
+    one role at one model point share one forward/backward per batch.
 
     ``utility``/``safety`` are adapter directories. ``subspace``/``kfac`` are taken in the joint
     subspace of the two adapters (:func:`sstmerge.adapters.joint_subspace`). Results are cached in
@@ -365,6 +366,7 @@ def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_
     adapters = {"utility": utility, "safety": safety}
     rows = {"utility": utility_rows, "safety": safety_rows}
     results = {}
+    todo: dict[tuple[str, str], list] = {}  # (role, model point) -> [(name, kind, key, path)] to estimate
     base_key = _file_hash(Path(base)) if Path(base).is_dir() else str(base)
     for role, name in pairs:
         kind, at = split_kind(name)
@@ -383,57 +385,68 @@ def compute(base: str, utility, safety, pairs: list[tuple[str, str]], *, safety_
                     continue
             except InputError:
                 pass  # a corrupt or stale cache entry is recomputed
-        if kind in ("subspace", "kfac", "diag_sub") and subspaces is None:
+        todo.setdefault((role, at), []).append((name, kind, key, path))
+    for (role, at), items in todo.items():
+        kinds = [kind for _, kind, _, _ in items]
+        if subspaces is None and any(k in ("subspace", "kfac", "diag_sub") for k in kinds):
             subspaces = ad.joint_subspace(U, S)
         other = adapters["safety" if role == "utility" else "utility"]
-        fr = _estimate(base, adapters[role], rows[role], kind, subspaces, backend=backend, seed=seed,
-                       progress=progress, batch_size=batch_size, fisher=fisher, samples=samples,
-                       desc=f"fisher {role}.{name}", at=at, other=other)
-        fr.meta = {**dict(fr.meta), "sstmerge.merge.key": key, "sstmerge.merge.at": at}
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fr.save(path)
-        results[(role, name)] = fr
+        frs = _estimate(base, adapters[role], rows[role], kinds, subspaces, backend=backend, seed=seed,
+                        progress=progress, batch_size=batch_size, fisher=fisher, samples=samples,
+                        desc=f"fisher {role}.{'+'.join(name for name, *_ in items)}", at=at, other=other)
+        for (name, _, key, path), fr in zip(items, frs):
+            fr.meta = {**dict(fr.meta), "sstmerge.merge.key": key, "sstmerge.merge.at": at}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fr.save(path)
+            results[(role, name)] = fr
     return FisherInputs(results, key=_results_key(results))
 
 
-def _estimate(base, adapter_dir, rows, kind, subspaces, *, backend, seed, progress, batch_size, fisher, samples,
-              desc, at="own", other=None):
+def _estimate(base, adapter_dir, rows, kinds, subspaces, *, backend, seed, progress, batch_size, fisher, samples,
+              desc, at="own", other=None) -> list:
+    """The Fisher results of ``kinds`` for one role at one model point, from one forward/backward per
+    batch (:func:`sstmerge.fisher.estimate_many`)."""
     from peft import PeftModel
 
     from ..data.batches import training_batches
-    from ..fisher import estimate
+    from ..fisher import estimate_many
     from ..models import load_model
 
     model, tok = load_model(base)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     if at != "own":
-        _move_to(model, at, other, kind)
+        for kind in kinds:
+            _check_at(kind, at)
+        _move_to(model, at, other)
     batches = list(training_batches(tok, rows, batch_size))  # chat rows or MMLU rows (answer letter labelled)
-    est_kind = RESULT_KIND[kind]
-    kw = dict(kind=est_kind, target="linear" if est_kind == "diag" else "lora", fisher=fisher, samples=samples)
-    if kind in ("subspace", "kfac", "diag_sub"):
-        kw["subspaces"] = subspaces
-    if kind == "diag_pool":
-        kw["pool_max"] = POOL_MAX_ENTRIES
-    params = inspect.signature(estimate).parameters
-    for name, value in (("backend", backend), ("seed", seed), ("progress", progress), ("desc", desc)):
-        if name in params:
-            kw[name] = value
-    return estimate(model, batches, **kw)
+    specs = []
+    for kind in kinds:
+        est_kind = RESULT_KIND[kind]
+        spec = dict(kind=est_kind, target="linear" if est_kind == "diag" else "lora")
+        if kind in ("subspace", "kfac", "diag_sub"):
+            spec["subspaces"] = subspaces
+        if kind == "diag_pool":
+            spec["pool_max"] = POOL_MAX_ENTRIES
+        specs.append(spec)
+    return estimate_many(model, batches, specs, fisher=fisher, samples=samples, backend=backend, seed=seed,
+                         progress=progress, desc=desc)
 
 
-def _move_to(model, at: str, other, kind: str) -> None:
-    """Put the peft model (its own adapter loaded) at model point ``at``: ``base`` sets the LoRA
-    scaling of every wrapped layer to 0; ``merged`` adds the ``other`` adapter's update to the base
-    weights. Only the diagonal kinds (gradients of the base weights) are defined there."""
-    from .. import adapters as ad
-    from ..fisher.hooks import find_layers
-
+def _check_at(kind: str, at: str) -> None:
     if RESULT_KIND[kind] != "diag":
         raise InputError(f"a {kind} Fisher is taken in the adapters' LoRA parameters, at their own model; "
                          f"fisher_at={at!r} needs a diagonal kind (SST: curvature='diag')")
+
+
+def _move_to(model, at: str, other) -> None:
+    """Put the peft model (its own adapter loaded) at model point ``at``: ``base`` sets the LoRA
+    scaling of every wrapped layer to 0; ``merged`` adds the ``other`` adapter's update to the base
+    weights. Only the diagonal kinds (gradients of the base weights) are defined there (:func:`_check_at`)."""
+    from .. import adapters as ad
+    from ..fisher.hooks import find_layers
+
     layers = find_layers(model, "linear", None)
     if at == "base":
         for layer in layers:
