@@ -95,7 +95,7 @@ def _fn(name, m, tok, batches, kw):
         return lambda: [G.greedy_batch(m, b, **kw) for b in batches]
     if name == "sstmerge_unshared_prefill":
         def unshared():
-            with mock.patch.object(G, "common_prefix_len", lambda seqs: 0):
+            with mock.patch.object(G, "common_prefix_len", lambda seqs, keep=1: 0):
                 return [G.greedy_batch(m, b, **kw) for b in batches]
         return unshared
     if name == "keep_all_rows_reference":

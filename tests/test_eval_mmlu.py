@@ -83,6 +83,29 @@ def test_scores_match_unbatched_reference(kind):
     assert len({r["pred"] for r in recs}) > 1  # the random model does not answer one letter everywhere
 
 
+def test_shared_prefix_runs_once_and_matches_the_reference():
+    """Items of one subject open with the same description: a batch runs that prefix once ([1, P])
+    and scores as the unbatched, uncached reference does."""
+    from sstmerge.eval.generate import common_prefix_len
+
+    model, tok = tiny_model(tokenizer=bpe_tokenizer())
+    items = load_items("mmlu", FIXTURES / "mmlu_test.jsonl")
+    items = [it for it in items if it["subject"] == items[0]["subject"]]
+    assert len(items) > 2
+    seqs = [encode_pair(tok, mmlu_prompt(it), " A")[0] for it in items]
+    P = common_prefix_len(seqs)
+    assert P > 5
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        recs = evaluate_mmlu(model, tok, items, batch_size=len(items))
+    finally:
+        hook.remove()
+    assert shapes[0] == (1, P) and shapes[1][0] == len(items)
+    for r, lps in zip(recs, _reference_scores(model, tok, items)):
+        assert r["logprobs"] == pytest.approx(lps, abs=1e-4)
+
+
 def test_batch_size_1_vs_16_and_determinism():
     model, tok = tiny_model(tokenizer=bpe_tokenizer())
     items = load_items("mmlu", FIXTURES / "mmlu_test.jsonl")

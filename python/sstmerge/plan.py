@@ -84,7 +84,10 @@ def fisher_tokens_elems(shape: ModelShape) -> int:
 def fisher_pass_bytes(shape: ModelShape, a: Assumptions, layers: int | None = None, act_bytes: int = 2) -> dict:
     """Peak memory of one Fisher pass on the device holding the model: weights + activations of a
     batch + logits of its counted positions (bf16 logits, fp32 copy, fp32 softmax gradient) + the
-    largest per-batch [O, I] fp32 diag Fisher with its restriction temporaries + accumulators."""
+    largest per-batch [O, I] fp32 diag Fisher with its restriction temporaries + accumulators (with
+    the diag_sub layers' fp32 [O, I] sums where they fit ``DENSE_SUB_MAX_BYTES``: small models only)."""
+    from .fisher.estimator import DENSE_SUB_MAX_BYTES
+
     L = shape.layers if layers is None else layers
     tokens = a.fisher_batch * a.fisher_tokens
     weights = (shape.params() - (shape.layers - L) * _layer_params(shape)) * a.weight_bytes
@@ -94,6 +97,8 @@ def fisher_pass_bytes(shape: ModelShape, a: Assumptions, layers: int | None = No
     m = 2 * a.rank
     temp = 4 * o * i + 8 * (i + o) * m * (m + 1) // 2 + 8 * 512 * i
     acc = 7 * L * 8 * (m * m) ** 2  # diag_sub accumulators, fp64
+    dense = 4 * L * sum(o * i for o, i in shape.projections().values())
+    acc += dense if dense <= DENSE_SUB_MAX_BYTES else 0  # summed, then restricted once
     return {"weights": weights, "activations": acts, "logits": logits, "temporaries": temp, "accumulators": acc,
             "total": weights + acts + logits + temp + acc}
 
@@ -255,7 +260,9 @@ def make_plan(model: str, a: Assumptions | None = None, costs: dict | None = Non
     restrict_flops = sum(2 * o * i * p2 + 2 * o * p2 * p2 for o, i in shapes) * math.ceil(a.fisher_rows / a.fisher_batch)
     fwd_bwd = 4 * P * tokens  # forward 2P, backward to the activations 2P (no weight gradients)
     t_pass = fwd_bwd / GPU["bf16_flops"]
-    t_fisher = 2 * (3 * t_pass + 2 * diag_flops / GPU["fp32_flops"] + restrict_flops / GPU["fp64_flops"])
+    # per role: a pass at the base (diag_sub@base, SST) and one at the adapter's model shared by diag_pool
+    # (fisher_avg) and kfac (RegMean): sstmerge.fisher.estimate_many
+    t_fisher = 2 * (2 * t_pass + 2 * diag_flops / GPU["fp32_flops"] + restrict_flops / GPU["fp64_flops"])
     n_models = 3 + a.n_methods * a.n_alphas
     eval_tokens = a.mmlu_n * a.mmlu_tokens + (a.harmful_n + a.benign_n) * (a.gen_prompt_tokens + a.max_new_tokens)
     t_eval = n_models * 2 * P * eval_tokens / GPU["bf16_flops"]

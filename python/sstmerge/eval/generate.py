@@ -113,23 +113,26 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
-def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of ``seqs``, capped so every sequence keeps one token after it."""
-    first, cap = seqs[0], min(len(s) for s in seqs) - 1
+def common_prefix_len(seqs: Sequence[Sequence[int]], keep: int = 1) -> int:
+    """Length of the longest common prefix of ``seqs``, capped so every sequence keeps ``keep`` tokens after it."""
+    first, cap = seqs[0], min(len(s) for s in seqs) - keep
     p = 0
     while p < cap and all(s[p] == first[p] for s in seqs):
         p += 1
     return p
 
 
-def _prefill(model, input_ids: list[list[int]], pad_id: int, device, cache_kw: str):
-    """The prompt forward (last position's logits and the cache), the batch's common prefix run once
-    (module docstring). Returns (output, attention mask, position ids) of the padded prompts."""
-    P = common_prefix_len(input_ids) if len(input_ids) > 1 else 0
+def prefill(model, input_ids: list[list[int]], pad_id: int, device, *, keep: int = 1, use_cache: bool = True):
+    """The prompt forward with the logits of each row's last ``keep`` positions (and the cache), the
+    batch's common prefix run once (module docstring). Returns (output, attention mask, position ids)
+    of the padded prompts. MMLU scoring (:mod:`sstmerge.eval.mmlu`) shares it with generation."""
+    cache_kw = _cache_kwarg(model)
+    P = common_prefix_len(input_ids, keep) if len(input_ids) > 1 else 0
     if P == 0:
         ids, mask = left_pad(input_ids, pad_id, device)
         pos = positions(mask)
-        return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1), mask, pos
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache,
+                     logits_to_keep=keep), mask, pos
     n = len(input_ids)
     ones = torch.ones((1, P), dtype=torch.long, device=device)
     head = torch.tensor([input_ids[0][:P]], dtype=torch.long, device=device)
@@ -139,7 +142,7 @@ def _prefill(model, input_ids: list[list[int]], pad_id: int, device, cache_kw: s
     ids, tail_mask = left_pad([s[P:] for s in input_ids], pad_id, device)
     mask = torch.cat([ones.expand(n, P), tail_mask], dim=1)
     pos = P + positions(tail_mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=keep,
                 **{cache_kw: past})
     return out, mask, pos
 
@@ -153,7 +156,7 @@ def greedy_batch(model, input_ids: list[list[int]], *, max_new_tokens: int, eos_
     n = len(input_ids)
     eos = torch.tensor(sorted(eos_ids), device=device)
     cache_kw = _cache_kwarg(model)
-    out, mask, pos = _prefill(model, input_ids, pad_id, device, cache_kw)
+    out, mask, pos = prefill(model, input_ids, pad_id, device)
     past = _cache_of(out)
     result: list[list[int]] = [[] for _ in range(n)]
     rows = list(range(n))  # the prompt index of each row still decoding

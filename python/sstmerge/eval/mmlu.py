@@ -23,9 +23,11 @@ estimation (so an adapter is trained and measured on the sequences it is scored 
   read at its last ``len(cont)`` positions.
 
 Differences from lm-eval that do not change what is computed: choices whose model inputs are equal
-(single-token continuations of one context) share one forward pass; rows are left-padded with an
-attention mask and explicit position ids, and only the last ``len(cont)`` positions' logits are
-materialised (``logits_to_keep``), so memory per batch is ``B x T`` activations plus ``B x 1 x V``
+(single-token continuations of one context) share one forward pass; a batch's common token prefix
+runs once and its KV cache serves every row (:func:`sstmerge.eval.generate.prefill`: the same
+keys and values, up to fp32 round-off of the shorter matmuls); rows are left-padded after that
+prefix with an attention mask and explicit position ids, and only the last ``len(cont)`` positions'
+logits are materialised (``logits_to_keep``), so memory per batch is ``B x T`` activations plus ``B x 1 x V``
 logits; log-softmax is taken in fp32 (lm-eval uses the model dtype unless ``softmax_dtype`` is set —
 identical in fp32, may break near-ties differently in bf16).
 
@@ -45,7 +47,7 @@ import torch
 from sstmerge.data.batches import encode_pair, tok_encode  # noqa: F401  (re-exported)
 from sstmerge.data.formats import MMLU_CONTINUATIONS, mmlu_prompt
 from sstmerge.errors import InputError
-from sstmerge.eval.generate import length_sorted_batches, left_pad, model_device, pad_token_id, positions
+from sstmerge.eval.generate import length_sorted_batches, model_device, pad_token_id, prefill
 
 _TOKENIZER_INFINITY = 1_000_000_000_000_000_019_884_624_838_656  # transformers' "no limit" value
 
@@ -127,10 +129,10 @@ def score_rows(model, rows: list[list[int]], targets: list[list[list[int]]], *, 
         from tqdm import tqdm  # noqa: PLC0415
         it = tqdm(batches, desc="mmlu", unit="batch")
     for batch in it:
-        ids, mask = left_pad([rows[i] for i in batch], pad_id, device)
         keep = max(len(c) for i in batch for c in targets[i])
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
-                       logits_to_keep=keep).logits[:, -keep:, :]
+        # the batch's common prefix (the subject line and any shared shots) runs once (generate.prefill)
+        logits = prefill(model, [rows[i] for i in batch], pad_id, device, keep=keep,
+                         use_cache=False)[0].logits[:, -keep:, :]
         logp = torch.log_softmax(logits.float(), dim=-1)
         for j, i in enumerate(batch):
             sums = []

@@ -565,11 +565,37 @@ def _job(model, c: _Common, spec: Mapping[str, Any]) -> _Job:
 
 
 class _Joint:
-    """The sites and per-site updates of several plans, run in one pass (sites in plan order)."""
+    """The sites of several plans, each module hooked once, and per hooked site the updates of every
+    plan that reads it. A base Linear inside a LoRA layer that another plan hooks whole is read from
+    that layer's capture: its input is the layer's input and the gradient at its output equals the
+    gradient at the layer's output (:mod:`sstmerge.fisher.hooks`), so the pass holds no extra tensors."""
 
     def __init__(self, plans: list[_Plan]):
-        self.sites = [s for p in plans for s in p.sites]
-        self.updates = [u for p in plans for u in p.updates]
+        whole = {}  # id(base Linear) -> the hooked LoRA layer wrapping it
+        for p in plans:
+            for s in p.sites:
+                base = getattr(s.module, "get_base_layer", None)
+                if base is not None and s.param_name is None:
+                    whole[id(base())] = s.module
+        self.sites, routed = [], {}
+        for p in plans:
+            for s, up in zip(p.sites, p.updates):
+                module = whole.get(id(s.module), s.module)
+                if id(module) not in routed:
+                    routed[id(module)] = []
+                    self.sites.append(s if module is s.module else dataclasses.replace(s, module=module))
+                routed[id(module)].append(up)
+        self.updates = [self._all(routed[id(s.module)]) for s in self.sites]
+
+    @staticmethod
+    def _all(ups):
+        if len(ups) == 1:
+            return ups[0]
+
+        def up(x, g, mask, w):
+            for u in ups:
+                u(x, g, mask, w)
+        return up
 
 
 def _estimate_jobs(model, batches, jobs: list[_Job], c: _Common, progress: bool,
