@@ -125,7 +125,8 @@ def common_prefix_len(seqs: Sequence[Sequence[int]], keep: int = 1) -> int:
 def prefill(model, input_ids: list[list[int]], pad_id: int, device, *, keep: int = 1, use_cache: bool = True):
     """The prompt forward with the logits of each row's last ``keep`` positions (and the cache), the
     batch's common prefix run once (module docstring). Returns (output, attention mask, position ids)
-    of the padded prompts. MMLU scoring (:mod:`sstmerge.eval.mmlu`) shares it with generation."""
+    of the padded prompts. MMLU scoring (:mod:`sstmerge.eval.mmlu`) shares it with generation.
+    ``use_cache=False`` skips the cache only without a shared prefix (which is served from one)."""
     cache_kw = _cache_kwarg(model)
     P = common_prefix_len(input_ids, keep) if len(input_ids) > 1 else 0
     if P == 0:

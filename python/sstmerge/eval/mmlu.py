@@ -27,8 +27,8 @@ Differences from lm-eval that do not change what is computed: choices whose mode
 runs once and its KV cache serves every row (:func:`sstmerge.eval.generate.prefill`: the same
 keys and values, up to fp32 round-off of the shorter matmuls); rows are left-padded after that
 prefix with an attention mask and explicit position ids, and only the last ``len(cont)`` positions'
-logits are materialised (``logits_to_keep``), so memory per batch is ``B x T`` activations plus ``B x 1 x V``
-logits; log-softmax is taken in fp32 (lm-eval uses the model dtype unless ``softmax_dtype`` is set —
+logits are materialised (``logits_to_keep``), so memory per batch is ``B x T`` activations plus
+``B x 1 x V`` logits; log-softmax is taken in fp32 (lm-eval uses the model dtype unless ``softmax_dtype`` is set —
 identical in fp32, may break near-ties differently in bf16).
 
 Memory (documented estimate, see docs/eval.md): batches are bounded by ``batch_size`` rows and,
