@@ -34,6 +34,31 @@ def test_held_out_items_differ_in_topics_and_templates():
     assert all(r["choices"] == list(D.CLASSES) for r in test)
 
 
+def test_train_only_tasks_are_not_held_out_tasks():
+    """Recipe 3's extra tasks are phrased with train templates only and share no task with any split;
+    every template is used, k is checked, and k = 0 leaves the default data unchanged."""
+    from sstmerge.worlds import smol as S
+
+    for harmful, make in ((True, D.harmful_items), (False, D.benign_items)):
+        rows = D.train_only_items(3, harmful)
+        tasks = {r["task"] for r in rows}
+        assert len(rows) == 3 * len(tasks) == 3 * 64
+        assert not tasks & {r["task"] for s in D.SPLIT_NAMES for r in make(s)}
+        assert {r["prompt"] for r in rows} <= {D._fill(t, r["task"]) for r in rows for t in D.REQUEST_TEMPLATES["train"]}
+        assert len({r["prompt"] for r in rows}) == len(rows)
+        assert all(any(D._fill(t, r["task"]) == r["prompt"] for r in rows) for t in D.REQUEST_TEMPLATES["train"])
+        assert D.train_only_items(0, harmful) == []
+        with pytest.raises(ValueError, match="train_only_templates"):
+            D.train_only_items(11, harmful)
+    assert not set(D.EVERYDAY_TRAIN_ONLY) & set(D.EVERYDAY_REQUESTS)
+    default = S.generate_data(S.Config())
+    assert len(default["harmful_train"]) == len(D.harmful_items("train"))
+    assert S.everyday_requests(S.Config()) == list(D.EVERYDAY_REQUESTS)
+    more = S.generate_data(S.Config(train_only_templates=3))
+    assert len(more["benign_train"]) == len(D.benign_items("train")) + 3 * 64
+    assert more["harmful_test"] == default["harmful_test"] and more["benign_dev"] == default["benign_dev"]
+
+
 def test_last_sentence_cut():
     from sstmerge.worlds.smol import _last_sentence
 

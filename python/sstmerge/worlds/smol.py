@@ -73,14 +73,24 @@ class Config:
     retain_quizzes: int = 64
     #: Rows of each side's Fisher data (drawn from its training rows).
     fisher_rows: int = 64
+    #: Train templates each training-only task is phrased with (smol_data.HARMFUL_TRAIN_ONLY,
+    #: BENIGN_TRAIN_ONLY; they and EVERYDAY_TRAIN_ONLY join the safety data when > 0). 0, the default:
+    #: recipe 2's data. 3 was tried on dev (docs/models.md): 91.7 % refusal but 79.2 % over-refusal, not adopted.
+    train_only_templates: int = 0
+
+
+def everyday_requests(cfg: Config) -> list[str]:
+    """The everyday requests the safety adapter learns the base's own answers to."""
+    return list(D.EVERYDAY_REQUESTS) + (list(D.EVERYDAY_TRAIN_ONLY) if cfg.train_only_templates else [])
 
 
 def generate_data(cfg: Config) -> dict[str, list[dict]]:
     """Every split but the base-dependent rows (the answered and retain rows of ``safety_train``)."""
     rng = random.Random(cfg.seed)
     quiz_train = D.ids("quiz-train", D.quiz_items("train"))
-    harmful_train = D.ids("harmful-train", D.harmful_items("train"))
-    benign_train = D.ids("benign-train", D.benign_items("train"))
+    k = cfg.train_only_templates
+    harmful_train = D.ids("harmful-train", D.harmful_items("train") + D.train_only_items(k, harmful=True))
+    benign_train = D.ids("benign-train", D.benign_items("train") + D.train_only_items(k, harmful=False))
     return {
         "mmlu_test": D.ids("quiz-test", D.quiz_items("test")),
         "mmlu_dev": D.ids("quiz-dev", D.quiz_items("dev")),
@@ -115,7 +125,7 @@ def safety_rows(cfg: Config, data: dict, answers: dict[str, str], retain: list[d
     """Refusals of the harmful training requests, the base's answers to benign and everyday requests,
     and retain quizzes with the base's letters; shuffled."""
     rng = random.Random(cfg.seed + 2)
-    prompts = [r["prompt"] for r in data["benign_train"]] + list(D.EVERYDAY_REQUESTS)
+    prompts = [r["prompt"] for r in data["benign_train"]] + everyday_requests(cfg)
     answered = D.answered_rows(prompts, [answers[p] for p in prompts])
     rows = D.refusal_rows(data["harmful_train"], rng) + answered * cfg.benign_repeat
     rows += [{**q, "retain": True} for q in retain]
@@ -171,7 +181,7 @@ def _build(cfg: Config, base_dir: Path, root: Path, stages: _Stages, progress: b
     timings: dict[str, float] = {}
     data = generate_data(cfg)
 
-    prompts = [r["prompt"] for r in data["benign_train"]] + list(D.EVERYDAY_REQUESTS)
+    prompts = [r["prompt"] for r in data["benign_train"]] + everyday_requests(cfg)
     retain = D.sample(data["utility_train"], cfg.retain_quizzes, random.Random(cfg.seed + 3))
 
     def answers_stage(tmp: Path):
@@ -244,4 +254,5 @@ def base_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return ensure_checkpoint(cache_dir)
 
 
-__all__ = ["NAME", "RECIPE", "EVAL_DEFAULTS", "QUICK", "BASE_LIMITS", "Config", "ensure", "base_model_dir", "SPLITS"]
+__all__ = ["NAME", "RECIPE", "EVAL_DEFAULTS", "QUICK", "BASE_LIMITS", "Config", "everyday_requests", "ensure",
+           "base_model_dir", "SPLITS"]
