@@ -50,6 +50,14 @@ def run_one(setting: str, seed: int, split: str, cache_root: Path) -> dict:
     return table
 
 
+def cpu_model() -> str:
+    """``lscpu``'s model name with its family and model numbers ("AMD EPYC" alone names no generation)."""
+    info = dict(ln.split(":", 1) for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                if ":" in ln)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    return f"{info.get('Model name', '?')} (family {info.get('CPU family', '?')} model {info.get('Model', '?')})"
+
+
 def markdown(runs: dict[str, dict]) -> str:
     labels = list(runs)
     lines = ["| model | quantity | " + " | ".join(labels) + " | min | max | spread |",
@@ -85,8 +93,7 @@ def main() -> int:
     with ThreadPoolExecutor(a.jobs) as ex:
         tables = list(ex.map(lambda j: run_one(j[0], j[1], a.split, cache_root), jobs))
     runs = {f"{s} / {seed}": t for (s, seed), t in zip(jobs, tables)}
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
+    model = cpu_model()
     print(f"CPU: {model}; split: {a.split}; runs: {len(runs)}\n")
     print(markdown(runs))
     if a.out:
