@@ -249,18 +249,6 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    p = Path(path)
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    for f in files:
-        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -381,15 +369,15 @@ def prepare(cfg: Config, log) -> Prepared:
     mmlu_dev = ev.load_items("mmlu", files["mmlu_dev"]) if files.get("mmlu_dev") else []
     safety_rows = _nonempty(read_rows(files["safety"]), files["safety"])
     utility_rows = _nonempty(read_rows(files["utility"]), files["utility"])
-    hashes = {k: file_sha256(v) for k, v in files.items() if v}
-    hashes["utility_adapter"] = file_sha256(utility)
-    hashes["safety_adapter"] = file_sha256(safety)
+    hashes = {k: io.path_sha256(v) for k, v in files.items() if v}
+    hashes["utility_adapter"] = io.path_sha256(utility)
+    hashes["safety_adapter"] = io.path_sha256(safety)
     if Path(base).is_dir():
-        hashes["base_model"] = file_sha256(base)
+        hashes["base_model"] = io.path_sha256(base)
     for name in ("align_model", "align_base"):  # the alignment pair's content keys the merges that read it
         paths = {o.get(name) for o in cfg.options.values() if o.get(name)}
         if paths:
-            hashes[name] = file_sha256(paths.pop())
+            hashes[name] = io.path_sha256(paths.pop())
     log(f"  items: {len(harmful)} harmful, {len(benign)} benign, {len(mmlu)} MMLU")
     return Prepared(base, utility, safety, harmful, benign, mmlu, mmlu_dev, safety_rows, utility_rows, hashes)
 
@@ -448,7 +436,7 @@ def evaluate_models(cfg: Config, prep: Prepared, adapters: dict[str, str | None]
 
     out = {}
     for key, adapter in tqdm(adapters.items(), desc="evaluate", unit="model"):
-        adapter_hash = file_sha256(adapter) if adapter else None
+        adapter_hash = io.path_sha256(adapter) if adapter else None
 
         def run(adapter=adapter):
             model, tok = base_model()

@@ -96,11 +96,28 @@ def cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
+def _update_with_file(h, path) -> None:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of one file's bytes."""
+    h = hashlib.sha256()
+    _update_with_file(h, path)
+    return h.hexdigest()
+
+
+def path_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file (its name, then its bytes) or of a directory tree (each file's relative path,
+    then its bytes, in sorted order): a renamed or edited file anywhere changes it."""
+    h = hashlib.sha256()
+    p = Path(path)
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        _update_with_file(h, f)
     return h.hexdigest()
 
 
