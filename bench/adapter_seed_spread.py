@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from world_stability import cpu_model, markdown  # noqa: E402  (bench/ is not a package)
+from world_stability import cpu_model, markdown, run_one  # noqa: E402  (bench/ is not a package)
 
 
 def retrain(world_dir: Path, out: Path, adapter_seed: int, split: str) -> dict:
@@ -80,20 +80,15 @@ def main() -> int:
     from sstmerge.worlds import pinned
 
     root = Path(tempfile.mkdtemp(prefix="adapter-seeds-"))
-    env = {**os.environ, "SSTMERGE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:  # build (pinned) and measure the world as built
-        r = subprocess.run([sys.executable, "-m", "sstmerge.worlds", "reference", "tiny", "--seeds",
-                            str(a.world_seed), "--split", a.split, "--margin", "0.05", "--out", f.name],
-                           env=env, capture_output=True, text=True)
-        if r.returncode not in (0, 1):  # 1: a target missed (reported in the table), anything else: failure
-            raise RuntimeError(f"world seed {a.world_seed}: exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
-        built = json.loads(Path(f.name).read_text())[f"seed {a.world_seed}"]
-    world_dir = next((root / "cache").glob("tiny-*"))
+    built = run_one("default", a.world_seed, a.split, root)  # build (pinned) and measure the world as built
+    world_dir = next((root / f"default-{a.world_seed}").glob("tiny-*"))
 
     def one(seed: int) -> dict:
         r = subprocess.run([sys.executable, __file__, "--split", a.split, "--_retrain", str(world_dir),
                             str(root / f"adapters-{seed}"), str(seed)],
-                           env={**env, **pinned.PINNED_ENV}, capture_output=True, text=True)
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "SSTMERGE_CACHE": str(root / "cache"),
+                                **pinned.PINNED_ENV},
+                           capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"adapter seed {seed}: exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
         return json.loads(r.stdout)
@@ -101,10 +96,11 @@ def main() -> int:
     with ThreadPoolExecutor(a.jobs) as ex:
         tables = list(ex.map(one, a.adapter_seeds))
     runs = {"built": built, **{f"adapters {s}": t for s, t in zip(a.adapter_seeds, tables)}}
-    print(f"CPU: {cpu_model()}; world seed {a.world_seed}; split: {a.split}; runs: {len(runs)}\n")
+    cpu = cpu_model()
+    print(f"CPU: {cpu}; world seed {a.world_seed}; split: {a.split}; runs: {len(runs)}\n")
     print(markdown(runs))
     if a.out:
-        Path(a.out).write_text(json.dumps({"cpu": cpu_model(), "world_seed": a.world_seed, "split": a.split,
+        Path(a.out).write_text(json.dumps({"cpu": cpu, "world_seed": a.world_seed, "split": a.split,
                                            "runs": runs}, indent=1) + "\n")
     shutil.rmtree(root)
     return 0
