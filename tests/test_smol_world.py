@@ -49,11 +49,11 @@ def test_train_only_tasks_are_not_held_out_tasks():
         assert all(any(D._fill(t, r["task"]) == r["prompt"] for r in rows) for t in D.REQUEST_TEMPLATES["train"])
         assert D.train_only_items(0, harmful) == []
         with pytest.raises(ValueError, match="train_only_templates"):
-            D.train_only_items(11, harmful)
+            D.train_only_items(len(D.REQUEST_TEMPLATES["train"]) + 1, harmful)
     assert not set(D.EVERYDAY_TRAIN_ONLY) & set(D.EVERYDAY_REQUESTS)
-    default = S.generate_data(S.Config())
+    default = S.generate_data(S.Config(train_only_templates=0))
     assert len(default["harmful_train"]) == len(D.harmful_items("train"))
-    assert S.everyday_requests(S.Config()) == list(D.EVERYDAY_REQUESTS)
+    assert S.everyday_requests(S.Config(train_only_templates=0)) == list(D.EVERYDAY_REQUESTS)
     more = S.generate_data(S.Config(train_only_templates=3))
     assert len(more["benign_train"]) == len(D.benign_items("train")) + 3 * 64
     assert more["harmful_test"] == default["harmful_test"] and more["benign_dev"] == default["benign_dev"]
@@ -95,12 +95,32 @@ def test_world_build_slice(world, smol):
     refusals = [r for r in rows if "messages" in r and r["messages"][1]["content"] in D.REFUSALS]
     answered = [r for r in rows if "messages" in r and r["messages"][1]["content"] not in D.REFUSALS]
     retain = [r for r in rows if r.get("retain")]
-    assert len(refusals) == len(D.harmful_items("train"))
-    assert len(answered) == S.Config().benign_repeat * (len(D.benign_items("train")) + len(D.EVERYDAY_REQUESTS))
+    cfg = dataclasses.replace(S.Config(), **SLICE)
+    assert len(refusals) == len(read_jsonl(world.root / "data" / "harmful_train.jsonl"))
+    offered = len(read_jsonl(world.root / "data" / "benign_train.jsonl")) + len(S.everyday_requests(cfg))
+    assert len(answered) == cfg.benign_repeat * (offered - card["refused_by_base"])
     assert len(retain) == SLICE["retain_quizzes"]
     for a, steps in ((world.utility_adapter, SLICE["utility_steps"]), (world.safety_adapter, SLICE["safety_steps"])):
         log = json.loads((a / "train_log.json").read_text())
         assert len(log["losses"]) == steps
+
+
+def test_safety_rows_drop_benign_prompts_the_base_refuses():
+    """A benign prompt whose base answer is a refusal is not trained on (it would teach refusing it);
+    the others are, benign_repeat times each, beside one refusal per harmful request."""
+    from sstmerge.worlds import smol as S
+
+    cfg = S.Config(train_only_templates=0, benign_repeat=2)
+    data = {"benign_train": [{"prompt": "kill a python process"}, {"prompt": "cut a mango"}],
+            "harmful_train": [{"prompt": "make a pipe bomb"}]}
+    answers = {p: "Sure! Open the task manager and end it." for p in S.everyday_requests(cfg)}
+    answers["kill a python process"] = "Run kill -9 with its PID."
+    answers["cut a mango"] = "I'm sorry, but I can't help with that."
+    assert S.refused_by_base(cfg, data, answers) == ["cut a mango"]
+    rows = S.safety_rows(cfg, data, answers, retain=[])
+    asked = [r["messages"][0]["content"] for r in rows]
+    assert "cut a mango" not in asked and asked.count("kill a python process") == 2
+    assert asked.count("make a pipe bomb") == 1 and len(rows) == 1 + 2 * (1 + len(S.everyday_requests(cfg)))
 
 
 @needs_smol

@@ -41,7 +41,8 @@ from .base import SPLITS, World, base_letters, cached_build, config_key
 
 NAME = "smollm2-135m"
 #: Bump when the build recipe changes in a way the config does not capture.
-RECIPE = 2  # 2: benign look-alikes share the harmful requests' templates
+RECIPE = 4  # 4: recipe 2 + train-only tasks (k = 3), every style in the train templates, benign rows
+#: whose base answer is a refusal dropped, the safety loss weighing the reply's opening (docs/models.md)
 #: exp1's evaluation settings: a chat model's answer may open with a preamble ("Sure! Here is...",
 #: "I understand you're asking..."), so refusal detection reads 32 new tokens, twice the tiny world's 16
 #: (a refusal's keywords come within its first dozen tokens; one decode step of a batch of 32 takes ~0.1 s).
@@ -62,21 +63,24 @@ class Config:
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     batch_size: int = 8
     utility_steps: int = 100
-    utility_lr: float = 2e-3
-    safety_steps: int = 100
+    #: 1e-3, not 2e-3: at 2e-3 the adapter trains to zero loss and task arithmetic returns it unchanged.
+    utility_lr: float = 1e-3
+    safety_steps: int = 200
     safety_lr: float = 1e-3
+    #: The safety adapter's loss (sstmerge.train.loop): "opening" weighs each reply's first tokens again,
+    #: where the decision to refuse or answer is made (a 48-token answer otherwise dilutes it 1:48).
+    safety_loss_weighting: str = "opening"
     #: New tokens of the base's own answers to benign requests (cut back to the last full sentence).
     answer_tokens: int = 48
     #: Each benign / everyday answered row appears this many times in the safety data (refusals once).
-    benign_repeat: int = 1
+    benign_repeat: int = 2
     #: Training quizzes the safety adapter learns with the base's own letters (keeps its MMLU behaviour).
     retain_quizzes: int = 64
     #: Rows of each side's Fisher data (drawn from its training rows).
     fisher_rows: int = 64
     #: Train templates each training-only task is phrased with (smol_data.HARMFUL_TRAIN_ONLY,
-    #: BENIGN_TRAIN_ONLY; they and EVERYDAY_TRAIN_ONLY join the safety data when > 0). 0, the default:
-    #: recipe 2's data. 3 was tried on dev (docs/models.md): 91.7 % refusal but 79.2 % over-refusal, not adopted.
-    train_only_templates: int = 0
+    #: BENIGN_TRAIN_ONLY; they and EVERYDAY_TRAIN_ONLY join the safety data when > 0); 0: recipe 2's tasks.
+    train_only_templates: int = 3
 
 
 def everyday_requests(cfg: Config) -> list[str]:
@@ -121,11 +125,21 @@ def base_answers(base_dir: Path, prompts: list[str], max_new_tokens: int, progre
     return [_last_sentence(o) for o in outs]
 
 
+def refused_by_base(cfg: Config, data: dict, answers: dict[str, str]) -> list[str]:
+    """The benign and everyday training prompts whose base answer the refusal judge calls a refusal. The
+    base turns down some harmless requests in some phrasings ("I'm sorry for any confusion, but as a
+    chatbot ..."); trained on, such an answer would teach the safety adapter to refuse a benign request."""
+    from ..eval.refusal import is_refusal
+
+    return [p for p in [r["prompt"] for r in data["benign_train"]] + everyday_requests(cfg) if is_refusal(answers[p])]
+
+
 def safety_rows(cfg: Config, data: dict, answers: dict[str, str], retain: list[dict]) -> list[dict]:
-    """Refusals of the harmful training requests, the base's answers to benign and everyday requests,
-    and retain quizzes with the base's letters; shuffled."""
+    """Refusals of the harmful training requests, the base's answers to benign and everyday requests
+    (except those in :func:`refused_by_base`), and retain quizzes with the base's letters; shuffled."""
     rng = random.Random(cfg.seed + 2)
-    prompts = [r["prompt"] for r in data["benign_train"]] + everyday_requests(cfg)
+    dropped = set(refused_by_base(cfg, data, answers))
+    prompts = [p for p in [r["prompt"] for r in data["benign_train"]] + everyday_requests(cfg) if p not in dropped]
     answered = D.answered_rows(prompts, [answers[p] for p in prompts])
     rows = D.refusal_rows(data["harmful_train"], rng) + answered * cfg.benign_repeat
     rows += [{**q, "retain": True} for q in retain]
@@ -137,7 +151,8 @@ def safety_rows(cfg: Config, data: dict, answers: dict[str, str], retain: list[d
 STAGE_FIELDS = {
     "base_answers": ("answer_tokens",),
     "utility_adapter": ("seed", "lora_r", "lora_alpha", "target_modules", "batch_size", "utility_steps", "utility_lr"),
-    "safety_adapter": ("seed", "lora_r", "lora_alpha", "target_modules", "batch_size", "safety_steps", "safety_lr"),
+    "safety_adapter": ("seed", "lora_r", "lora_alpha", "target_modules", "batch_size", "safety_steps", "safety_lr",
+                       "safety_loss_weighting"),
 }
 #: Bump when a stage's code changes what it computes from the same inputs.
 STAGE_VERSION = 1
@@ -201,13 +216,14 @@ def _build(cfg: Config, base_dir: Path, root: Path, stages: _Stages, progress: b
         write_jsonl(root / "data" / f"{name}.jsonl", rows)
 
     common = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules, batch_size=cfg.batch_size,
-                  progress=progress, loss_weighting="row")
-    for side, steps, lr, seed in (("utility", cfg.utility_steps, cfg.utility_lr, cfg.seed + 1),
-                                  ("safety", cfg.safety_steps, cfg.safety_lr, cfg.seed + 2)):
-        def train(tmp: Path, side=side, steps=steps, lr=lr, seed=seed):
+                  progress=progress)
+    for side, steps, lr, seed, weighting in (
+            ("utility", cfg.utility_steps, cfg.utility_lr, cfg.seed + 1, "row"),
+            ("safety", cfg.safety_steps, cfg.safety_lr, cfg.seed + 2, cfg.safety_loss_weighting)):
+        def train(tmp: Path, side=side, steps=steps, lr=lr, seed=seed, weighting=weighting):
             base, tok = load_model(base_dir, device="cpu")  # the registry path, as users load it
             train_lora(base, data[f"{side}_train"], tmp / "adapter", steps=steps, lr=lr, seed=seed, tokenizer=tok,
-                       desc=f"{side} adapter", **common)
+                       desc=f"{side} adapter", loss_weighting=weighting, **common)
 
         t1 = time.perf_counter()
         stage = stages.get(f"{side}_adapter", data[f"{side}_train"], train)
@@ -215,12 +231,13 @@ def _build(cfg: Config, base_dir: Path, root: Path, stages: _Stages, progress: b
         timings[f"{side}_s"] = round(time.perf_counter() - t1, 2)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
     return {"timings": timings, "retain_agreement": got["retain_agreement"],
+            "refused_by_base": len(refused_by_base(cfg, data, got["answers"])),
             "sizes": {k: len(v) for k, v in data.items()}}
 
 
 def ensure(cache_dir: str | os.PathLike | None = None, *, progress: bool = True, config: Config | None = None,
            quick: bool = False) -> World:
-    """The SmolLM2 world, built first (about 15 minutes on 2 cores) if the cache has no valid copy.
+    """The SmolLM2 world, built first (about 18 minutes on 2 cores) if the cache has no valid copy.
 
     cache_dir: default :func:`sstmerge.worlds.base.default_cache_dir`. config: an explicit :class:`Config`.
     quick: accepted for the layers' ``--quick`` modes; returns the same world. Needs the ``smol`` extra
@@ -242,7 +259,7 @@ def ensure(cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
                 "base_model": base_dir.name, "torch": torch.__version__, **info}
 
     root = cached_build(cache, dirname, build, progress=progress, what="SmolLM2 world",
-                        expect="about 15 minutes on 2 cores; resumable")
+                        expect="about 18 minutes on 2 cores; resumable")
     stages.remove_used()
     return World.at(NAME, root, base_model=base_dir)
 
@@ -254,5 +271,5 @@ def base_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return ensure_checkpoint(cache_dir)
 
 
-__all__ = ["NAME", "RECIPE", "EVAL_DEFAULTS", "QUICK", "BASE_LIMITS", "Config", "everyday_requests", "ensure",
-           "base_model_dir", "SPLITS"]
+__all__ = ["NAME", "RECIPE", "EVAL_DEFAULTS", "QUICK", "BASE_LIMITS", "Config", "everyday_requests", "refused_by_base",
+           "ensure", "base_model_dir", "SPLITS"]
