@@ -16,16 +16,17 @@ def _pct(x: float | None) -> str:
 
 
 def _change(c: dict) -> str:
-    lo, hi = c["ci95"]
-    return f"{100 * c['value']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (p={c['p_value']:.2g})"
+    lo, hi = (100 * v + 0.0 for v in c["ci95"])  # + 0.0: no "-0.0" for a difference of exactly zero
+    return f"{100 * c['value'] + 0.0:+.1f} [{lo:+.1f}, {hi:+.1f}] (p={c['p_value']:.2g})"
 
 
 def _tax(t: dict) -> str:
     if not t["defined"]:
         return "undefined"
     lo, hi = t["ci95"]
-    fmt = lambda v: "unbounded" if v is None else f"{v:.2f}"  # noqa: E731
-    return f"{t['value']:.2f} [{fmt(lo)}, {fmt(hi)}]"
+    # + 0.0 turns -0.0 into 0.0: a zero utility loss over a positive gain printed "-0.00 [0.00, -0.00]"
+    fmt = lambda v: "unbounded" if v is None else f"{v + 0.0:.2f}"  # noqa: E731
+    return f"{fmt(t['value'])} [{fmt(lo)}, {fmt(hi)}]"
 
 
 def sst_standing(results: dict) -> list[str]:
