@@ -41,8 +41,9 @@ from .base import SPLITS, World, base_letters, cached_build, config_key
 
 NAME = "smollm2-135m"
 #: Bump when the build recipe changes in a way the config does not capture.
-RECIPE = 4  # 4: recipe 2 + train-only tasks (k = 3), every style in the train templates, benign rows
-#: whose base answer is a refusal dropped, the safety loss weighing the reply's opening (docs/models.md)
+#: 4: recipe 2 + train-only tasks (k = 3), every style in the train templates, benign rows whose base answer
+#: is a refusal dropped, the safety loss weighing the reply's opening (docs/models.md).
+RECIPE = 4
 #: exp1's evaluation settings: a chat model's answer may open with a preamble ("Sure! Here is...",
 #: "I understand you're asking..."), so refusal detection reads 32 new tokens, twice the tiny world's 16
 #: (a refusal's keywords come within its first dozen tokens; one decode step of a batch of 32 takes ~0.1 s).
