@@ -22,10 +22,10 @@ import torch
 def features(model, tok, prompts: list[str], batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """[layers + 1, n, d] hidden states at the last prompt token, and averaged over the prompt's tokens."""
     last, mean = [], []
+    tok.padding_side = "left"
     for i in range(0, len(prompts), batch):
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                  for p in prompts[i:i + batch]]
-        tok.padding_side = "left"
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             h = torch.stack(model(**enc, output_hidden_states=True).hidden_states)  # [L+1, B, T, d]

@@ -59,7 +59,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base_dir = smol.base_model_dir()
     data = smol.generate_data(cfg)
-    prompts = [r["prompt"] for r in data["benign_train"]] + smol.everyday_requests(cfg)
+    prompts = smol.answered_prompts(cfg, data)
     cache_f = work / f"answers-{cfg.answer_tokens}.json"
     cache = json.loads(cache_f.read_text()) if cache_f.exists() else {"answers": {}}
     missing = [q for q in prompts if q not in cache["answers"]]

@@ -126,13 +126,18 @@ def base_answers(base_dir: Path, prompts: list[str], max_new_tokens: int, progre
     return [_last_sentence(o) for o in outs]
 
 
+def answered_prompts(cfg: Config, data: dict) -> list[str]:
+    """The training prompts the safety adapter learns the base's own answers to: benign, then everyday."""
+    return [r["prompt"] for r in data["benign_train"]] + everyday_requests(cfg)
+
+
 def refused_by_base(cfg: Config, data: dict, answers: dict[str, str]) -> list[str]:
     """The benign and everyday training prompts whose base answer the refusal judge calls a refusal. The
     base turns down some harmless requests in some phrasings ("I'm sorry for any confusion, but as a
     chatbot ..."); trained on, such an answer would teach the safety adapter to refuse a benign request."""
     from ..eval.refusal import is_refusal
 
-    return [p for p in [r["prompt"] for r in data["benign_train"]] + everyday_requests(cfg) if is_refusal(answers[p])]
+    return [p for p in answered_prompts(cfg, data) if is_refusal(answers[p])]
 
 
 def safety_rows(cfg: Config, data: dict, answers: dict[str, str], retain: list[dict]) -> list[dict]:
@@ -140,7 +145,7 @@ def safety_rows(cfg: Config, data: dict, answers: dict[str, str], retain: list[d
     (except those in :func:`refused_by_base`), and retain quizzes with the base's letters; shuffled."""
     rng = random.Random(cfg.seed + 2)
     dropped = set(refused_by_base(cfg, data, answers))
-    prompts = [p for p in [r["prompt"] for r in data["benign_train"]] + everyday_requests(cfg) if p not in dropped]
+    prompts = [p for p in answered_prompts(cfg, data) if p not in dropped]
     answered = D.answered_rows(prompts, [answers[p] for p in prompts])
     rows = D.refusal_rows(data["harmful_train"], rng) + answered * cfg.benign_repeat
     rows += [{**q, "retain": True} for q in retain]
@@ -197,7 +202,7 @@ def _build(cfg: Config, base_dir: Path, root: Path, stages: _Stages, progress: b
     timings: dict[str, float] = {}
     data = generate_data(cfg)
 
-    prompts = [r["prompt"] for r in data["benign_train"]] + everyday_requests(cfg)
+    prompts = answered_prompts(cfg, data)
     retain = D.sample(data["utility_train"], cfg.retain_quizzes, random.Random(cfg.seed + 3))
 
     def answers_stage(tmp: Path):
@@ -272,5 +277,5 @@ def base_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return ensure_checkpoint(cache_dir)
 
 
-__all__ = ["NAME", "RECIPE", "EVAL_DEFAULTS", "QUICK", "BASE_LIMITS", "Config", "everyday_requests", "refused_by_base",
-           "ensure", "base_model_dir", "SPLITS"]
+__all__ = ["NAME", "RECIPE", "EVAL_DEFAULTS", "QUICK", "BASE_LIMITS", "Config", "everyday_requests", "answered_prompts",
+           "refused_by_base", "ensure", "base_model_dir", "SPLITS"]
