@@ -117,6 +117,11 @@ def build(root: Path, model: str, layers: int, rank: int, seed: int = 0):
         m = LlamaForCausalLM(cfg)
     m.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
+    # the "pretrained" model the base was aligned from (Safe LoRA's and SafeMERGE's pair, as for a
+    # registry model): another draw of the same shapes
+    torch.manual_seed(seed + 3)
+    with torch.no_grad():
+        LlamaForCausalLM(cfg).save_pretrained(root / "pretrained")
     for name, sd in (("utility", seed + 1), ("safety", seed + 2)):
         torch.manual_seed(sd)
         pm = get_peft_model(m, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False))
@@ -145,7 +150,8 @@ def run(model: str, layers: int, *, rank: int = 16, rows: int = 16, words: int =
     with Stage() as st:
         base, U, S, tok = build(root, model, layers, rank)
     res["build_s"] = st.seconds
-    methods = list(mg.METHODS)
+    methods = list(mg.DEFAULT_METHODS)
+    pair = {"align_model": str(base), "align_base": str(root / "pretrained")}
     safety, utility = chat_rows(rows, words, 1), chat_rows(rows, words, 2)
     from sstmerge.merge.fisher_inputs import compute
 
@@ -161,7 +167,8 @@ def run(model: str, layers: int, *, rank: int = 16, rows: int = 16, words: int =
     for m in methods:
         outs = [root / "merged" / f"{m}_{a:g}" for a in alphas]
         with Stage() as st:
-            rs = mg.merge_sweep(m, str(base), str(U), str(S), alphas=alphas, fisher=fisher, outs=outs, seed=0)
+            rs = mg.merge_sweep(m, str(base), str(U), str(S), alphas=alphas, fisher=fisher, outs=outs, seed=0,
+                                **(pair if m in ("safe_lora", "safemerge") else {}))
         res["merge"][m] = {"seconds": st.seconds, "peak_bytes": st.peak,
                            "adapter_bytes": max((o / "adapter_model.safetensors").stat().st_size for o in outs),
                            "max_rank": max(f.rank for r in rs for f in r.layers.values())}

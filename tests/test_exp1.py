@@ -56,9 +56,13 @@ def test_outputs_written(quick_run):
     res = json.loads((out / "results.json").read_text())
     for part in ("safety", "over_refusal", "utility"):
         assert set(res["baseline"][part]) == {"value", "n", "count"}
-    from sstmerge.merge import METHODS
+    from sstmerge.merge import DEFAULT_METHODS
 
-    assert {r["method"] for r in res["methods"]} == set(METHODS)
+    assert {r["method"] for r in res["methods"]} == set(DEFAULT_METHODS)
+    for m in ("safe_lora", "safemerge"):  # the published forms read the world's aligned twin
+        info = json.loads(next((out / "merged").glob(f"{m}_a*/merge.json")).read_text())
+        assert info["options"]["align_model"].endswith("/model") and ".aligned-" in info["options"]["align_model"]
+    assert "align_model" in res["provenance"]["data_hashes"]
     for r in res["methods"]:
         for k in ("safety_gain", "utility_loss", "over_refusal_change"):
             assert set(r[k]) >= {"value", "ci95", "p_value"}
@@ -271,7 +275,7 @@ def test_align_pair_reaches_safe_lora_and_safemerge(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--align-base", "{d}"], "--align-base needs --align-model"),
-    (["--align-model", "{d}", "--methods", "ties"], "--align-model is used by safe_lora and safemerge"),
+    (["--align-model", "{d}", "--methods", "ties"], "--align-model is used by safe_lora, safemerge"),
     (["--align-model", "{d}/missing"], "is not a directory"),
 ])
 def test_align_flags_bad_input(tmp_path, args, needle):
@@ -279,3 +283,19 @@ def test_align_flags_bad_input(tmp_path, args, needle):
     r = _run(args + ["--out", str(tmp_path / "o")])
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_published_safe_lora_without_a_pair_is_one_line_exit_2(tmp_path):
+    """A model directory has no default aligned/unaligned pair: the default grid's safe_lora and safemerge
+    are refused up front (not dropped, not run on some other subspace), naming the ways out."""
+    from sstmerge import worlds
+
+    w = worlds.ensure("tiny", progress=False)
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "sstmerge.exp1", "--model", str(w.base_model), "--utility-adapter",
+                        str(w.utility_adapter), "--safety-adapter", str(w.safety_adapter), "--harmful-data",
+                        str(w.harmful_test), "--benign-data", str(w.benign_test), "--mmlu-data", str(w.mmlu_test),
+                        "--safety-data", str(w.safety_fisher), "--utility-data", str(w.utility_fisher), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--align-model" in r.stderr and "_adapter variants" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -40,7 +40,7 @@ def merged(world, tmp_path_factory):
     out = {}
     for m in METHODS:
         res = merge(m, world.base, world.utility, world.safety, alpha=1.0, fisher=world.fisher, out=root / m, dense=True,
-                    backend=BACKEND, seed=0)
+                    backend=BACKEND, seed=0, **world.options(m))
         out[m] = (res, root / m)
     return out
 
@@ -91,7 +91,7 @@ def test_task_arithmetic_is_the_exact_sum_of_deltas(world, merged):
 def test_alpha_zero_returns_the_utility_model(world, method, tmp_path):
     U = ad.load_adapter(world.utility)
     res = merge(method, world.base, world.utility, world.safety, alpha=0.0, fisher=world.fisher, out=tmp_path / "o",
-                dense=True, backend=BACKEND)
+                dense=True, backend=BACKEND, **world.options(method))
     fused = _fused(tmp_path / "o")
     base = {}
     for f in sorted(world.base.glob("*.safetensors")):
@@ -123,7 +123,7 @@ def test_unequal_ranks_merge(world, tmp_path):
     fisher = make_fisher(world.utility, s2, world.base)
     U, S = ad.load_adapter(world.utility), ad.load_adapter(s2)
     for m in METHODS:
-        res = merge(m, world.base, world.utility, s2, alpha=1.0, fisher=fisher, backend=BACKEND)
+        res = merge(m, world.base, world.utility, s2, alpha=1.0, fisher=fisher, backend=BACKEND, **world.options(m))
         assert set(res.layers) == set(U.layers)
     res = merge("task_arithmetic", world.base, world.utility, s2, alpha=2.0)
     for n in U.layers:
@@ -216,9 +216,10 @@ def test_dense_methods_truncate_to_the_adapters_rank_and_report_the_exact_residu
 def test_a_sweep_equals_separate_merges(world, method):
     """merge_sweep does each layer's alpha-independent work once; the factors are those of merge()."""
     alphas = [0.0, 0.5, 2.0]
-    swept = merge_sweep(method, world.base, world.utility, world.safety, alphas=alphas, fisher=world.fisher, seed=1)
+    opts = world.options(method)
+    swept = merge_sweep(method, world.base, world.utility, world.safety, alphas=alphas, fisher=world.fisher, seed=1, **opts)
     for a, r in zip(alphas, swept):
-        one = merge(method, world.base, world.utility, world.safety, alpha=a, fisher=world.fisher, seed=1)
+        one = merge(method, world.base, world.utility, world.safety, alpha=a, fisher=world.fisher, seed=1, **opts)
         assert r.alpha == a and sorted(r.layers) == sorted(one.layers)
         for name, f in one.layers.items():
             assert torch.equal(f.B, r.layers[name].B) and torch.equal(f.A, r.layers[name].A), (method, a, name)
@@ -328,37 +329,103 @@ def test_sst_from_a_diag_sub_fisher_equals_sst_from_the_exact_diag(world):
         assert (da - db).abs().max() <= tol, name
 
 
-def test_safe_lora_projects_with_the_explicit_projector(world, tmp_path):
-    """Check against an explicit O x O projector built here (the method never builds one)."""
+def _projector(A, B, name, k):
+    """The explicit O x O projector onto the top-k left singular vectors of A - B (the method never builds one)."""
+    V = A.get(f"{name}.weight").double() - B.get(f"{name}.weight").double()
+    Uv = torch.linalg.svd(V)[0][:, :k]
+    return Uv @ Uv.T, V
+
+
+def test_safe_lora_serves_the_aligned_model_with_the_projected_update(world):
+    """The published form: W_aligned + P dU in the selected layers, nothing else added. Here the aligned
+    model is the base + an independent rank-3 update T, so dM = alpha T + dU - alpha (I - P) dU."""
+    from sstmerge.merge.writers import ModelFiles
+
+    U = ad.load_adapter(world.utility)
+    res = merge("safe_lora", world.base, world.utility, world.safety, alpha=0.6, threshold=1.01,
+                align_model=str(world.aligned))
+    A, B = ModelFiles(world.aligned), ModelFiles(world.base)
+    eps = torch.finfo(torch.float32).eps
+    for name in U.layers:
+        P, V = _projector(A, B, name, 3)  # V's rank is 3, below the default k (the safety rank, 4)
+        dU = U.layers[name].delta().double()
+        want = 0.6 * V + dU - 0.6 * (dU - P @ dU)  # threshold > 1 selects every layer
+        # T's factors drop V's round-off (the fused weight's fp32 rounding, <= eps |W| per entry)
+        tol = 1e-5 * float(want.abs().max()) + eps * float(A.get(f"{name}.weight").abs().max())
+        assert (res.layers[name].delta() - want).abs().max() <= tol, name
+        d = res.diagnostics["layers"][name]
+        assert d["align_source"] == "model_pair" and d["align_rank"] == 3 and d["served_offset_rank"] == 3
+    assert res.diagnostics["projected_layers"] == len(U.layers)
+
+
+def test_safe_lora_adds_nothing_when_the_base_is_the_aligned_model(world, tmp_path):
+    """As in the paper (the adapter trained on the aligned model): V from the pair, dM = dU - alpha (I - P) dU."""
+    from sstmerge.merge.writers import ModelFiles
+    from test_merge_world import make_base
+
+    unaligned = make_base(tmp_path / "pretrained", seed=7)
+    U = ad.load_adapter(world.utility)
+    res = merge("safe_lora", world.base, world.utility, world.safety, alpha=0.6, threshold=1.01,
+                align_model=str(world.base), align_base=str(unaligned), align_rank=5)
+    for name in U.layers:
+        P, _ = _projector(ModelFiles(world.base), ModelFiles(unaligned), name, 5)
+        dU = U.layers[name].delta().double()
+        want = dU - 0.6 * (dU - P @ dU)
+        assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max(), name
+        assert "served_offset_rank" not in res.diagnostics["layers"][name]
+
+
+def test_safe_lora_adapter_projects_onto_a_pair_and_adds_ds(world, tmp_path):
+    """The variant: P from the pair (or the safety update), plus alpha dS."""
+    from sstmerge.merge.writers import ModelFiles
     from test_merge_world import make_base
 
     aligned = make_base(tmp_path / "aligned", seed=7)
     U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
-    res = merge("safe_lora", world.base, world.utility, world.safety, alpha=0.6, threshold=1.01,
+    res = merge("safe_lora_adapter", world.base, world.utility, world.safety, alpha=0.6, threshold=1.01,
                 align_model=str(aligned), align_rank=5)
-    from sstmerge.merge.writers import ModelFiles
-
-    A, B = ModelFiles(aligned), ModelFiles(world.base)
     for name in U.layers:
-        V = A.get(f"{name}.weight").double() - B.get(f"{name}.weight").double()
-        Uv = torch.linalg.svd(V)[0][:, :5]
-        P = Uv @ Uv.T
+        P, _ = _projector(ModelFiles(aligned), ModelFiles(world.base), name, 5)
         dU, dS = U.layers[name].delta().double(), S.layers[name].delta().double()
-        want = dU - 0.6 * (dU - P @ dU) + 0.6 * dS  # threshold > 1 selects every layer
+        want = dU - 0.6 * (dU - P @ dU) + 0.6 * dS
         assert (res.layers[name].delta() - want).abs().max() <= 1e-5 * want.abs().max(), name
     assert res.diagnostics["projected_layers"] == len(U.layers)
+    own = merge("safe_lora_adapter", world.base, world.utility, world.safety, alpha=0.6, threshold=1.01)
+    assert {d["align_source"] for d in own.diagnostics["layers"].values()} == {"safety_adapter"}
 
 
-def test_safemerge_selects_layers_by_cosine(world):
+def test_safe_lora_and_safemerge_refuse_a_missing_or_unusable_pair(world, tmp_path):
+    from test_merge_world import make_base
+
+    for m, hint in (("safe_lora", "safe_lora_adapter"), ("safemerge", "safemerge_adapter")):
+        with pytest.raises(InputError, match=hint):
+            merge(m, world.base, world.utility, world.safety, alpha=1.0)
+    other = make_base(tmp_path / "other", seed=7)  # differs from the base at full rank: not base + an update
+    with pytest.raises(InputError, match="not a low-rank update"):
+        merge("safe_lora", world.base, world.utility, world.safety, alpha=1.0, align_model=str(other))
+    with pytest.raises(InputError, match="would be zero"):
+        merge("safe_lora", world.base, world.utility, world.safety, alpha=1.0, align_model=str(world.base))
+
+
+@pytest.mark.parametrize("method", ["safemerge", "safemerge_adapter"])
+def test_safemerge_selects_layers_by_cosine(world, method):
+    """The cosine is ||P dU|| / ||dU||, P onto the pair's V (safemerge) or the safety update (the variant)."""
+    from sstmerge.merge.writers import ModelFiles
+
     U, S = ad.load_adapter(world.utility), ad.load_adapter(world.safety)
-    probe = merge("safemerge", world.base, world.utility, world.safety, alpha=1.0, threshold=1.01)
+    opts = world.options(method)
+    probe = merge(method, world.base, world.utility, world.safety, alpha=1.0, threshold=1.01, **opts)
     cos = {n: d["cosine"] for n, d in probe.diagnostics["layers"].items()}
-    for name in U.layers:  # the cosine is ||P dU|| / ||dU|| with P onto the safety update's columns
-        Q = ad.orth(S.layers[name].delta())
+    for name in U.layers:
+        if opts:
+            V = ModelFiles(world.aligned).get(f"{name}.weight").double() - ModelFiles(world.base).get(f"{name}.weight").double()
+            Q = torch.linalg.svd(V)[0][:, :3]
+        else:
+            Q = ad.orth(S.layers[name].delta()).double()
         dU = U.layers[name].delta().double()
-        assert abs(cos[name] - float((Q.double().T @ dU).norm() / dU.norm())) < 1e-5
+        assert abs(cos[name] - float((Q.T @ dU).norm() / dU.norm())) < 1e-5
     cut = sorted(cos.values())[len(cos) // 2]
-    res = merge("safemerge", world.base, world.utility, world.safety, alpha=1.0, threshold=cut)
+    res = merge(method, world.base, world.utility, world.safety, alpha=1.0, threshold=cut, **opts)
     for name in U.layers:
         dU, dS = U.layers[name].delta().double(), S.layers[name].delta().double()
         want = dU + dS if cos[name] < cut else dU

@@ -45,7 +45,8 @@ def _common(world, out, method="sst", alpha=1.0):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_runs_from_the_cli(world, fisher_dir, tmp_path, capsys, method):
     out = tmp_path / "out"
-    code, stdout, err = _run(_common(world, out, method) + ["--fisher", fisher_dir, "--dense"], capsys)
+    pair = [f"--{k.replace('_', '-')}={v}" for k, v in world.options(method).items()]
+    code, stdout, err = _run(_common(world, out, method) + ["--fisher", fisher_dir, "--dense", *pair], capsys)
     assert code == 0, err
     assert method in stdout
     a = ad.load_adapter(out)

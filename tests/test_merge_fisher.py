@@ -72,7 +72,8 @@ def test_fisher_inputs_compute_cache_and_feed_every_method(chat_world, monkeypat
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == stamps  # loaded, not recomputed
     assert passes == [3, 3]
     U = ad.load_adapter(u)
-    for m in METHODS:  # each with the options the Fisher was computed for
+    for m in set(METHODS) - {"safe_lora", "safemerge"}:  # each with the options the Fisher was computed for (the
+        # two left out read a model pair, no Fisher; their adapter variants run here)
         res = merge(m, base, u, s, alpha=1.0, fisher=fi, backend="torch", **({"curvature": "exact"} if m == "sst" else {}))
         assert set(res.layers) == set(U.layers)
     for curvature in ("exact", "kfac", "input"):

@@ -24,6 +24,11 @@ class World:
     utility: Path
     safety: Path
     fisher: dict  # (role, kind) -> FisherResult-shaped object
+    aligned: Path | None = None  # the base with an independent low-rank update fused in (an aligned twin)
+
+    def options(self, method: str) -> dict:
+        """The options a method needs here: the aligned/unaligned pair for the published Safe LoRA and SafeMERGE."""
+        return {"align_model": str(self.aligned)} if method in ("safe_lora", "safemerge") else {}
 
 
 def make_base(path: Path, *, hidden=64, layers=2, seed=0, vocab=64):
@@ -50,6 +55,17 @@ def make_adapter(base: Path, path: Path, *, r=4, alpha=8, seed=1, targets=TARGET
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     pm.save_pretrained(path)
+    return path
+
+
+def make_aligned(base: Path, adapter: Path, path: Path) -> Path:
+    """``base`` with ``adapter``'s update fused into its weights: a model that is base + a low-rank update."""
+    from sstmerge.adapters import load_adapter
+    from sstmerge.merge.core import LayerFactors
+    from sstmerge.merge.writers import ModelFiles, write_fused
+
+    layers = {n: LayerFactors(l.B, l.A, l.scale) for n, l in load_adapter(adapter).layers.items()}
+    write_fused(ModelFiles(base), path, layers, backend="torch")
     return path
 
 
@@ -93,7 +109,8 @@ def build_world(root: Path) -> World:
     base = make_base(root / "base")
     utility = make_adapter(base, root / "utility", r=4, alpha=8, seed=1)
     safety = make_adapter(base, root / "safety", r=4, alpha=4, seed=2, rslora=True)
-    return World(root, base, utility, safety, make_fisher(utility, safety, base))
+    aligned = make_aligned(base, make_adapter(base, root / "twin", r=3, alpha=3, seed=3), root / "aligned")
+    return World(root, base, utility, safety, make_fisher(utility, safety, base), aligned)
 
 
 _BUILT: list[World] = []

@@ -35,6 +35,7 @@ def test_qwen_plan_sizes_follow_the_formulas():
     per_layer_oi = sum(o + i for o, i in s.projections().values())
     assert p["input_adapters_bytes"] == 2 * 4 * 16 * per_layer_oi * s.layers
     assert max(p["merged_adapter_bytes"].values()) == p["input_adapters_bytes"]  # rank 2r: the inputs' size
+    assert 2 * p["merged_adapter_bytes"]["safe_lora"] == p["input_adapters_bytes"]  # P dU alone: rank r
     n = 32 * 32
     assert p["fisher_files"]["diag_sub"] == 4 * (7 * s.layers * n * n + 32 * per_layer_oi * s.layers)
     t = pl.targets(p)
@@ -67,5 +68,5 @@ def test_scale_sim_quick_matches_the_plan_on_sizes(tmp_path):
     assert abs(fisher / (2 * sum(plan["fisher_files"].values())) - 1) <= 0.05
     for m, r_ in res["merge"].items():
         assert r_["max_rank"] <= 2 * res["rank"], m
-        assert abs(r_["adapter_bytes"] / max(plan["merged_adapter_bytes"].values()) - 1) <= 0.05, m
+        assert abs(r_["adapter_bytes"] / plan["merged_adapter_bytes"][m] - 1) <= 0.05, m
     assert "| Fisher files (all) |" in r.stdout

@@ -287,6 +287,38 @@ def test_artifacts_are_real_and_consistent(built):
         assert read_jsonl(w.split(f)), f
 
 
+def test_aligned_twin_is_the_base_plus_an_independent_safety_update(built):
+    """Safe LoRA's pair (worlds.aligned): the twin differs from the base by a rank-r update in each
+    adapter layer (fp32 round-off aside), built pinned and cached, and that update is not dS: its column
+    space is not the safety adapter's (another seed, so another initialisation and data order)."""
+    from sstmerge import adapters as ad
+    from sstmerge.merge.writers import ModelFiles
+    from sstmerge.worlds import tiny
+
+    w = built[0]
+    twin, base = tiny.aligned_pair(progress=False)
+    assert base == w.base_model
+    t0 = time.perf_counter()
+    assert tiny.aligned_pair(progress=False) == (twin, base) and time.perf_counter() - t0 < 10  # cached
+    card = json.loads((twin.parent / "aligned.json").read_text())
+    assert card["settings"]["seed"] != 2 and card["fused_layers"] == len(ad.load_adapter(w.safety_adapter).layers)
+    S = ad.load_adapter(w.safety_adapter)
+    A, B = ModelFiles(twin), ModelFiles(base)
+    eps = torch.finfo(torch.float32).eps
+    overlaps = []
+    for name, s in S.layers.items():
+        Wa = A.get(f"{name}.weight").double()
+        V = Wa - B.get(f"{name}.weight").double()
+        sv = torch.linalg.svdvals(V)
+        r = s.rank
+        assert sv[r - 1] > 1e3 * eps * float(torch.linalg.matrix_norm(Wa)), name  # a rank-r update...
+        assert sv[r] <= eps * float(torch.linalg.matrix_norm(Wa)), name  # ...and fp32 round-off beyond it
+        Qv = torch.linalg.svd(V)[0][:, :r]
+        Qs = ad.orth(s.delta()).double()
+        overlaps.append(float(torch.linalg.svdvals(Qv.T @ Qs).pow(2).mean()))  # mean cos^2 of the principal angles
+    assert max(overlaps) < 0.9, overlaps  # not the safety adapter's subspace (measured: 0.21-0.33)
+
+
 def test_models_layer_does_not_import_the_world_builders():
     """models.py resolves names without the builders' training code (no models <-> worlds <-> train circle)."""
     import subprocess

@@ -78,7 +78,7 @@ class Config:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .merge import DEFAULT_ALPHAS, METHODS
+    from .merge import DEFAULT_ALPHAS, DEFAULT_METHODS, METHODS
 
     p = CliParser(
         prog="python -m sstmerge.exp1",
@@ -88,8 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="tiny (the package's world) | smollm2-135m | mistral-7b | llama-3.1-8b | qwen2.5-14b | PATH")
     p.add_argument("--utility-adapter", help="peft adapter dir of the task (utility) adapter")
     p.add_argument("--safety-adapter", help="peft adapter dir of the safety adapter")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
-                   help=f"merge methods (default: all of {', '.join(METHODS)}); sst is always included")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS), metavar="METHOD",
+                   help=f"merge methods (default: {', '.join(DEFAULT_METHODS)}; also "
+                        f"{', '.join(m for m in METHODS if m not in DEFAULT_METHODS)}); sst is always included")
     p.add_argument("--alphas", nargs="+", type=float, help=f"α sweep (default {' '.join(map(str, DEFAULT_ALPHAS))})")
     p.add_argument("--harmful-n", type=int, help="harmful prompts to evaluate (default: all held-out)")
     p.add_argument("--benign-n", type=int, help="benign look-alike prompts to evaluate (default: all)")
@@ -115,8 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="kernel backend for Fisher and fused merges")
     p.add_argument("--align-model", metavar="DIR",
                    help="an aligned model whose difference from --align-base gives Safe LoRA's and SafeMERGE's "
-                        "alignment subspace (default: the safety adapter's own update)")
-    p.add_argument("--align-base", metavar="DIR", help="the unaligned model of that pair (default: the base model)")
+                        "alignment subspace (default: a world's aligned twin; for a registry model, the model itself)")
+    p.add_argument("--align-base", metavar="DIR",
+                   help="the unaligned model of that pair (default: the base model; for a registry model given "
+                        "without --align-model, its pretrained-only model)")
     p.add_argument("--tuned", metavar="TUNED_JSON",
                    help="every method's options and α chosen on dev by `python -m sstmerge.tune` (its tuned.json); "
                         "the report then compares the dev-chosen points")
@@ -159,7 +162,7 @@ def _config(args: argparse.Namespace) -> Config:
     if args.align_model:
         users = [m for m in ALIGN_METHODS if m in cfg.methods]
         if not users:
-            raise InputError(f"--align-model is used by {' and '.join(ALIGN_METHODS)}; add one of them to --methods")
+            raise InputError(f"--align-model is used by {', '.join(ALIGN_METHODS)}; add one of them to --methods")
         for name in ("align_model", "align_base"):
             path = getattr(args, name)
             if path and not Path(path).is_dir():
@@ -212,8 +215,10 @@ def _apply_tuned(cfg: Config, path: str) -> None:
     cfg.tuned_hashes = dict(doc.get("hashes") or {})
 
 
-#: The methods that take an alignment direction from an aligned/unaligned model pair.
-ALIGN_METHODS = ("safe_lora", "safemerge")
+#: The methods that take an alignment direction from an aligned/unaligned model pair (--align-model).
+ALIGN_METHODS = ("safe_lora", "safemerge", "safe_lora_adapter", "safemerge_adapter")
+#: Those of them that need one (the published methods); a world's aligned twin is their default pair.
+PAIR_METHODS = ("safe_lora", "safemerge")
 #: The inputs a tune file must share with the run it is used in (the items differ: dev vs test).
 TUNED_SAME = ("base_model", "utility_adapter", "safety_adapter", "safety", "utility", "align_model", "align_base")
 
@@ -360,6 +365,7 @@ def prepare(cfg: Config, log) -> Prepared:
             "safety": cfg.safety_data or registry.resolve("safety-train"),
             "utility": cfg.utility_data or registry.resolve("utility-train"),
         }
+    default_pair(cfg, base, log)
     for name, path in (("utility adapter", utility), ("safety adapter", safety)):
         if not Path(path).is_dir():
             raise InputError(f"{name} {path} is not a directory; give a peft adapter dir")
@@ -380,6 +386,31 @@ def prepare(cfg: Config, log) -> Prepared:
             hashes[name] = io.path_sha256(paths.pop())
     log(f"  items: {len(harmful)} harmful, {len(benign)} benign, {len(mmlu)} MMLU")
     return Prepared(base, utility, safety, harmful, benign, mmlu, mmlu_dev, safety_rows, utility_rows, hashes)
+
+
+def default_pair(cfg: Config, base: str, log) -> None:
+    """Give the methods that need an aligned/unaligned pair (:data:`PAIR_METHODS`) and were given none
+    their default one, in ``cfg.options``: a world's aligned twin and base (:mod:`sstmerge.worlds.aligned`),
+    or a registry model as the aligned model with its pretrained-only model (``ModelSpec.unaligned``) as
+    in the paper. Anything else is an error naming the flags."""
+    todo = [m for m in PAIR_METHODS if m in cfg.methods and not cfg.options.get(m, {}).get("align_model")]
+    if not todo:
+        return
+    from .models import REGISTRY, resolve_model_dir
+
+    if is_world(cfg.model, cfg.utility_adapter, cfg.safety_adapter):
+        log(f"  alignment pair for {', '.join(todo)}: the {cfg.model} world's aligned twin and its base")
+        aligned, unaligned = worlds.module(cfg.model).aligned_pair(progress=True)
+    elif cfg.model in REGISTRY and REGISTRY[cfg.model].unaligned:
+        spec = REGISTRY[cfg.model]
+        log(f"  alignment pair for {', '.join(todo)}: {spec.hf_id} and its pretrained model {spec.unaligned}")
+        aligned, unaligned = base, resolve_model_dir(spec.unaligned)  # offline and absent: a one-line error
+    else:
+        raise InputError(f"{' and '.join(todo)} read an aligned/unaligned model pair, and --model {cfg.model} has "
+                         "no default one: pass --align-model DIR (and --align-base DIR), run their *_adapter "
+                         "variants instead, or leave them out of --methods")
+    for m in todo:
+        cfg.options[m] = {**cfg.options.get(m, {}), "align_model": str(aligned), "align_base": str(unaligned)}
 
 
 def _point_key(method: str, alpha: float) -> str:

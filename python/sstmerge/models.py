@@ -39,6 +39,9 @@ class ModelSpec:
     dtype: str
     memory_gb: float
     notes: str
+    #: The pretrained-only model its alignment started from (Hugging Face id): the unaligned side of
+    #: Safe LoRA's and SafeMERGE's default pair.
+    unaligned: str | None = None
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -54,15 +57,16 @@ REGISTRY: dict[str, ModelSpec] = {
         "no BOS added by the tokenizer; pad = eos = <|im_end|>."),
     "mistral-7b": ModelSpec(
         "mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", "bfloat16", 14.5,
-        "7.25B params; [INST] ... [/INST] template, no separate system role; 32768-token vocab (v3 tokenizer)."),
+        "7.25B params; [INST] ... [/INST] template, no separate system role; 32768-token vocab (v3 tokenizer).",
+        "mistralai/Mistral-7B-v0.3"),
     "llama-3.1-8b": ModelSpec(
         "llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "bfloat16", 16.1,
         "8.03B params; gated on the Hub (accept the licence); header-id template that adds a dated system "
-        "prompt by default; pad token missing (eos is used)."),
+        "prompt by default; pad token missing (eos is used).", "meta-llama/Llama-3.1-8B"),
     "qwen2.5-14b": ModelSpec(
         "qwen2.5-14b", "Qwen/Qwen2.5-14B-Instruct", "bfloat16", 29.5,
         "14.7B params; ChatML template with a default 'You are Qwen' system prompt; needs >= 40 GB of GPU "
-        "memory, or several GPUs (device_map='auto')."),
+        "memory, or several GPUs (device_map='auto').", "Qwen/Qwen2.5-14B"),
 }
 
 _WEIGHT_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",

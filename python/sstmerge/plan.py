@@ -172,13 +172,22 @@ def calibrate(shape_oi: tuple[int, int] = (2048, 4096), rank: int = 16, seed: in
 
     alphas = [DEFAULT_ALPHAS[j % len(DEFAULT_ALPHAS)] * (1 + j // len(DEFAULT_ALPHAS)) for j in range(n_alphas)]
     out = {"n_alphas": n_alphas}
-    for m, spec in METHODS.items():
+    from .merge import DEFAULT_METHODS
+    from .merge.safe_lora import top_left
+
+    V = torch.randn(O, I, generator=gen, dtype=torch.float64)
+    for m in DEFAULT_METHODS:
+        # the published Safe LoRA / SafeMERGE read a model pair: their adapter variants' work on the
+        # factors, plus the pair's SVD (a registry model is its own aligned model: no offset to factor)
+        spec = METHODS[f"{m}_adapter" if m in ("safe_lora", "safemerge") else m]
         opts = dict(spec.defaults)
         spec.run(ctx, 0.5, **opts)  # warm-up
         dt = float("inf")
         for _ in range(repeats):  # the fastest of a few: a shared 2-core VM's timings are noisy
             t0 = time.perf_counter()
             spec.run_sweep(ctx, alphas, **opts)
+            if m in ("safe_lora", "safemerge"):
+                top_left(V, rank, seed)
             dt = min(dt, time.perf_counter() - t0)
         dense = m in ("ties", "dare", "fisher_avg")
         out[m] = {"per_entry_s" if dense else "per_layer_s": dt / (O * I) if dense else dt}
@@ -247,7 +256,9 @@ def make_plan(model: str, a: Assumptions | None = None, costs: dict | None = Non
     shapes = layer_shapes(shape)
     r = a.rank
     ins = adapter_bytes(shapes, [r] * len(shapes))
-    merged_rank = {m: (2 * r) for m in ("sst", "task_arithmetic", "ties", "dare", "fisher_avg", "regmean", "safe_lora", "safemerge")}
+    # Safe LoRA on a registry model serves that (aligned) model with the projected dU alone: rank r
+    merged_rank = {m: (r if m == "safe_lora" else 2 * r) for m in
+                   ("sst", "task_arithmetic", "ties", "dare", "fisher_avg", "regmean", "safe_lora", "safemerge")}
     fisher = fisher_file_bytes(shapes, r)
     costs = costs if costs is not None else calibrate_shapes(shapes, rank=r, n_alphas=a.n_alphas)
     cpu = merge_cpu_seconds(shapes, costs, a.n_alphas)

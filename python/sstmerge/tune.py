@@ -51,6 +51,10 @@ GRID: dict[str, list[dict]] = {
                   {"threshold": 0.7}],
     "safemerge": [{}, {"threshold": 0.3}, {"threshold": 0.1}, {"threshold": 0.05}, {"threshold": 0.2},
                   {"threshold": 0.7}],
+    "safe_lora_adapter": [{}, {"threshold": 0.3}, {"threshold": 0.1}, {"threshold": 0.05}, {"threshold": 0.2},
+                          {"threshold": 0.7}],
+    "safemerge_adapter": [{}, {"threshold": 0.3}, {"threshold": 0.1}, {"threshold": 0.05}, {"threshold": 0.2},
+                          {"threshold": 0.7}],
     "fisher_avg": [{}, {"fisher_at": "base"}, {"fisher_at": "merged"}, {"eps": 1e-2},
                    {"eps": 1e-2, "fisher_at": "base"}, {"eps": 1e-2, "fisher_at": "merged"}],
     "regmean": [{}, {"offdiag": 0.5}, {"offdiag": 0.1}, {"offdiag": 0.9}, {"offdiag": 0.0}, {"eps": 1e-2}],
@@ -88,13 +92,13 @@ def choose(trials: list[dict]) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .merge import DEFAULT_ALPHAS, METHODS
+    from .merge import DEFAULT_ALPHAS, DEFAULT_METHODS, METHODS
 
     p = CliParser(prog="python -m sstmerge.tune",
                   description="Choose every method's options and α on a world's dev items, with one budget for all.")
     p.add_argument("--model", default="tiny", help="a package world: tiny | smollm2-135m")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
-                   help="methods to tune (default: all); sst is always included")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS), metavar="METHOD",
+                   help=f"methods to tune (default: {', '.join(DEFAULT_METHODS)}); sst is always included")
     p.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
                    help=f"option sets per method, the same for every method (1-{MAX_TRIALS}; default {DEFAULT_TRIALS})")
     p.add_argument("--alphas", nargs="+", type=float, help=f"α sweep (default {' '.join(map(str, DEFAULT_ALPHAS))})")

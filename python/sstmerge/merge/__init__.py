@@ -21,18 +21,23 @@ from typing import Mapping
 
 from .. import adapters as ad
 from ..errors import InputError
-from . import dare, fisher_avg, regmean, safe_lora, safemerge, sst, task_arithmetic, ties
+from . import (dare, fisher_avg, regmean, safe_lora, safe_lora_adapter, safemerge, safemerge_adapter, sst,
+               task_arithmetic, ties)
 from .core import Context, LayerFactors, Method, check_finite
 from .fisher_inputs import FisherInputs, as_inputs, fisher_inputs, needs
 
 METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (
-    sst, task_arithmetic, ties, dare, safe_lora, safemerge, fisher_avg, regmean)}
+    sst, task_arithmetic, ties, dare, safe_lora, safemerge, safe_lora_adapter, safemerge_adapter, fisher_avg, regmean)}
+
+#: The methods exp1 and tune run by default: SST and the published baselines. The two variants that take
+#: the alignment direction from the safety adapter (``safe_lora_adapter``, ``safemerge_adapter``) run when named.
+DEFAULT_METHODS = ("sst", "task_arithmetic", "ties", "dare", "safe_lora", "safemerge", "fisher_avg", "regmean")
 
 #: α sweeps used by exp1 (α = 0 is the utility model itself for every method).
 DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0)
 QUICK_ALPHAS = (0.5, 1.0, 2.0)
 
-__all__ = ["METHODS", "DEFAULT_ALPHAS", "QUICK_ALPHAS", "MergeResult", "LayerFactors", "FisherInputs", "merge", "merge_sweep",
+__all__ = ["METHODS", "DEFAULT_METHODS", "DEFAULT_ALPHAS", "QUICK_ALPHAS", "MergeResult", "LayerFactors", "FisherInputs", "merge", "merge_sweep",
            "default_options", "fisher_inputs", "needs"]
 
 

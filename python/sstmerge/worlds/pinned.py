@@ -46,8 +46,9 @@ def numerics() -> dict:
             "threads": torch.get_num_threads(), **{k: os.environ.get(k) for k in PINNED_ENV}}
 
 
-def build(world: str, cache_dir: str | os.PathLike, config, *, progress: bool = True) -> None:
-    """Run ``sstmerge.worlds.<world>.ensure(cache_dir, config=config)`` in a pinned child process.
+def build(world: str, cache_dir: str | os.PathLike, config, *, progress: bool = True, entry: str = "ensure") -> None:
+    """Run ``sstmerge.worlds.<world>.<entry>(cache_dir, config=config)`` in a pinned child process
+    (``entry``: ``ensure``, the world; ``aligned_pair``, its aligned twin).
 
     Its progress goes to this process's stderr; a failed build raises ``RuntimeError`` naming the
     exit status (the child's traceback is printed above it).
@@ -55,20 +56,23 @@ def build(world: str, cache_dir: str | os.PathLike, config, *, progress: bool = 
     with tempfile.TemporaryDirectory(prefix="sstmerge-pinned-") as tmp:
         spec = Path(tmp) / "config.pkl"
         spec.write_bytes(pickle.dumps(config))
-        cmd = [sys.executable, "-m", "sstmerge.worlds.pinned", world, str(cache_dir), str(spec), str(int(progress))]
+        cmd = [sys.executable, "-m", "sstmerge.worlds.pinned", world, str(cache_dir), str(spec), str(int(progress)),
+               entry]
         rc = subprocess.run(cmd, env={**os.environ, **PINNED_ENV}).returncode
     if rc != 0:
-        raise RuntimeError(f"building the {world} world under pinned numerics failed (exit status {rc})")
+        raise RuntimeError(f"building the {world} world's {entry} under pinned numerics failed (exit status {rc})")
 
 
 def _main(argv: list[str]) -> int:
     from . import module
 
-    world, cache_dir, spec, progress = argv
+    world, cache_dir, spec, progress, entry = argv
     if not is_pinned():
         raise RuntimeError(f"sstmerge.worlds.pinned runs under {PINNED_ENV}; call pinned.build() instead")
     config = pickle.loads(Path(spec).read_bytes())
-    module(world).ensure(cache_dir, config=config, progress=bool(int(progress)))
+    if entry not in ("ensure", "aligned_pair"):
+        raise RuntimeError(f"sstmerge.worlds.pinned: unknown entry {entry!r}")
+    getattr(module(world), entry)(cache_dir, config=config, progress=bool(int(progress)))
     return 0
 
 

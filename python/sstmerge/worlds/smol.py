@@ -36,6 +36,7 @@ import torch
 from .. import __version__
 from ..io import atomic_dir, cache_root, write_json, write_jsonl
 from ..train.lora import DEFAULT_TARGET_MODULES
+from . import aligned
 from . import smol_data as D
 from .base import SPLITS, World, base_letters, cached_build, config_key
 
@@ -270,6 +271,29 @@ def ensure(cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
     return World.at(NAME, root, base_model=base_dir)
 
 
+def aligned_pair(cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
+                 config: Config | None = None) -> tuple[Path, Path]:
+    """``(aligned twin, base model)``: the pair Safe LoRA and SafeMERGE read (:mod:`sstmerge.worlds.aligned`).
+    The twin is a LoRA of the safety adapter's shape, steps, learning rate and loss with its own seed,
+    trained on the same safety rows and fused into the base; built on first use (about 10 minutes on 2 cores)."""
+    from ..train import train_lora
+
+    cfg = config or Config()
+    world = ensure(cache_dir, progress=progress, config=cfg)
+    settings = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "target_modules": cfg.target_modules,
+                "batch_size": cfg.batch_size, "steps": cfg.safety_steps, "lr": cfg.safety_lr,
+                "seed": cfg.seed + aligned.SEED_OFFSET, "loss_weighting": cfg.safety_loss_weighting}
+
+    def train(out: Path, rows: list[dict]) -> None:
+        train_lora(world.base_model, rows, out, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
+                   batch_size=cfg.batch_size, progress=progress, loss_weighting=cfg.safety_loss_weighting,
+                   steps=cfg.safety_steps, lr=cfg.safety_lr, seed=settings["seed"], desc="aligned twin")
+
+    twin = aligned.ensure(world, settings, train, cache_root(cache_dir), progress=progress,
+                          expect="about 10 minutes on 2 cores")
+    return twin, world.base_model
+
+
 def base_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The converted SmolLM2-135M-Instruct checkpoint (no adapters are built for it)."""
     from ..gguf_convert import ensure_checkpoint
@@ -278,4 +302,4 @@ def base_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 __all__ = ["NAME", "RECIPE", "EVAL_DEFAULTS", "QUICK", "BASE_LIMITS", "Config", "everyday_requests", "answered_prompts",
-           "refused_by_base", "ensure", "base_model_dir", "SPLITS"]
+           "refused_by_base", "ensure", "aligned_pair", "base_model_dir", "SPLITS"]

@@ -37,7 +37,7 @@ import torch
 from .. import __version__
 from ..data import world as W
 from ..io import cache_root, write_jsonl
-from . import pinned
+from . import aligned, pinned
 from .base import SPLITS, World, base_letters, cached_build, config_key, valid
 
 NAME = "tiny"
@@ -254,6 +254,39 @@ def ensure(cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
     root = cached_build(cache, _dirname(cfg), build, progress=progress, what="tiny world",
                         expect="about 2 minutes on 2 cores")
     return World.at(NAME, root)
+
+
+def aligned_pair(cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
+                 config: Config | None = None) -> tuple[Path, Path]:
+    """``(aligned twin, base model)``: the pair Safe LoRA and SafeMERGE read (:mod:`sstmerge.worlds.aligned`).
+    The twin is a LoRA of the safety adapter's shape and budget with its own seed, trained on the same
+    safety rows under pinned numerics (as the world), fused into the base; built on first use (seconds)."""
+    from ..models import load_model
+    from ..train import train_lora
+
+    cfg = config or Config()
+    cache = cache_root(cache_dir)
+    world = ensure(cache, progress=progress, config=cfg)
+    settings = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "target_modules": cfg.target_modules,
+                "batch_size": cfg.adapter_batch, "steps": cfg.safety_steps, "lr": cfg.safety_lr,
+                "seed": cfg.seed + aligned.SEED_OFFSET, "loss_weighting": cfg.loss_weighting, "dtype": cfg.train_dtype}
+    if not pinned.is_pinned() and not valid(cache / aligned.dirname(world, settings)):
+        pinned.build(NAME, cache, cfg, progress=progress, entry="aligned_pair")
+
+    def train(out: Path, rows: list[dict]) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the world's build (see ensure)
+        try:
+            base, tok = load_model(world.base_model, device="cpu")
+            base.to(getattr(torch, cfg.train_dtype))
+            train_lora(base, rows, out, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
+                       batch_size=cfg.adapter_batch, tokenizer=tok, progress=progress, loss_weighting=cfg.loss_weighting,
+                       save_dtype=torch.float32, steps=cfg.safety_steps, lr=cfg.safety_lr, seed=settings["seed"],
+                       desc="aligned twin")
+        finally:
+            torch.set_num_threads(threads)
+
+    return aligned.ensure(world, settings, train, cache, progress=progress, expect="seconds"), world.base_model
 
 
 def base_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
