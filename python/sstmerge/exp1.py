@@ -263,6 +263,20 @@ def _git_commit() -> str | None:
         return None
 
 
+def _git_dirty() -> bool | None:
+    """Whether the package's source differs from that commit (tracked files under python/ and csrc/)."""
+    pkg = Path(__file__).resolve().parent
+    root = pkg.parents[1]
+    if pkg != root / "python" / "sstmerge":  # an installed copy: its source is not the work tree's
+        return None
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "python", "csrc"],
+                             cwd=root, capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _versions() -> dict:
     import numpy
     import peft
@@ -543,8 +557,16 @@ def statistics(cfg: Config, prep: Prepared, evals: dict, baseline_key: str, diag
         r[q]["p_holm"] = p
     refs = {name: summary(outcomes(key)) for name, key in REFERENCES.items() if key in evals}
     out = {"baseline": summary(base), "methods": rows, "references": refs, "verdicts": verdicts(cfg, outcomes)}
+    rates = {(r["method"], r["alpha"]): r for r in rows}
+    rate = lambda p: rates[p["method"], p["alpha"]]  # noqa: E731
+    label = lambda r: {"method": r["method"], "alpha": r["alpha"]}  # noqa: E731
+    out["goal"] = stats.frontier_goal([label(r) for r in rows if r["method"] == "sst"],
+                                      [label(r) for r in rows if r["method"] != "sst"], rate, out["verdicts"])
     if cfg.chosen_alpha:
-        out["dev_chosen"] = dev_chosen(cfg, outcomes)
+        dc = out["dev_chosen"] = dev_chosen(cfg, outcomes)
+        points = [label(p) for p in dc["points"]]
+        dc["goal"] = stats.frontier_goal([p for p in points if p["method"] == "sst"],
+                                         [p for p in points if p["method"] != "sst"], rate, dc["verdicts"])
     return out
 
 
@@ -644,7 +666,8 @@ def run(cfg: Config, out_dir: Path, stop_after: str | None = None, log=print) ->
         "baseline_kind": "base + utility adapter" if cfg.baseline == "utility" else "base model alone",
         **results,
         "provenance": {
-            **_versions(), "git_commit": _git_commit(), "seed": cfg.seed, "data_hashes": prep.hashes,
+            **_versions(), "git_commit": _git_commit(), "git_dirty": _git_dirty(), "seed": cfg.seed,
+            "data_hashes": prep.hashes,
             "config": asdict(cfg), "timings_s": timings, "out_dir": str(out_dir),
             "evaluation_records": {k: f"eval/{k}/" for k in evals},
         },

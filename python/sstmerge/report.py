@@ -15,17 +15,22 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def _signless_zero(x: float, digits: int) -> float:
+    """x rounded as printed, with -0.0 made 0.0: no "-0.0" for a value that prints as zero."""
+    return round(x, digits) + 0.0
+
+
 def _change(c: dict) -> str:
-    lo, hi = (100 * v + 0.0 for v in c["ci95"])  # + 0.0: no "-0.0" for a difference of exactly zero
-    return f"{100 * c['value'] + 0.0:+.1f} [{lo:+.1f}, {hi:+.1f}] (p={c['p_value']:.2g})"
+    v, lo, hi = (_signless_zero(100 * x, 1) for x in (c["value"], *c["ci95"]))
+    return f"{v:+.1f} [{lo:+.1f}, {hi:+.1f}] (p={c['p_value']:.2g})"
 
 
 def _tax(t: dict) -> str:
     if not t["defined"]:
         return "undefined"
     lo, hi = t["ci95"]
-    # + 0.0 turns -0.0 into 0.0: a zero utility loss over a positive gain printed "-0.00 [0.00, -0.00]"
-    fmt = lambda v: "unbounded" if v is None else f"{v + 0.0:.2f}"  # noqa: E731
+    # a zero utility loss over a positive gain printed "-0.00 [0.00, -0.00]", and so did -0.004
+    fmt = lambda v: "unbounded" if v is None else f"{_signless_zero(v, 2):.2f}"  # noqa: E731
     return f"{fmt(t['value'])} [{fmt(lo)}, {fmt(hi)}]"
 
 
@@ -50,25 +55,32 @@ def sst_standing(results: dict) -> list[str]:
         head += f"It dominates {len(beats)} baseline point(s)" + (f": {', '.join(beats)}" if beats else "")
         head += f"; against the other {len(mine) - len(beaten_by) - len(beats)} neither is established."
         lines.append(head)
-    # best defined tax per method
-    best = {}
-    for r in rows:
-        t = r["safety_tax"]
-        if t["defined"] and (r["method"] not in best or t["value"] < best[r["method"]]["safety_tax"]["value"]):
-            best[r["method"]] = r
-    if best:
-        ranked = sorted(best.values(), key=lambda r: r["safety_tax"]["value"])
-        lines.append(
-            "- Lowest defined Safety Tax per method (utility points lost per refusal point gained): "
-            + "; ".join(f"{name(r)}: {_tax(r['safety_tax'])}" for r in ranked)
-            + ". Each is the minimum over the α grid on these same items, so it is optimistic (a winner's "
-            "curse): choose α on dev items (`python -m sstmerge.tune`, then exp1 `--tuned`) and report it here. "
-            "Overlapping intervals mean the "
-            "ranking is not established."
-        )
-    else:
+    if not any(r["safety_tax"]["defined"] for r in rows):
         lines.append("- No method reached a safety gain distinguishable from zero: no Safety Tax is defined.")
+    if not results.get("dev_chosen"):
+        # no per-method "lowest Safety Tax": a minimum over the α grid on these items is a winner's curse
+        lines.append("- Each point's Safety Tax is in the table above; the lowest per method would be a minimum "
+                     "over the α grid on these same items (a winner's curse). To compare methods, choose each "
+                     "one's options and α on dev items (`python -m sstmerge.tune`, then exp1 `--tuned`): the "
+                     "report then adds the dev-chosen points, measured on these items.")
     return lines
+
+
+def goal_line(goal: dict | None, what: str) -> list[str]:
+    """The project's goal, stated plainly: does one SST point dominate the whole baselines' front?"""
+    if not goal or not goal["front"]:
+        return []
+    name = lambda p: f"{p['method']} α={p['alpha']:g}"  # noqa: E731
+    n = len(goal["front"])
+    best = max(goal["sst"], key=lambda p: len(p["dominates"]))
+    word = "met" if goal["met"] else "not met"
+    head = (f"- **Goal {word}** ({what}): an SST-Merge point must dominate every point of the baselines' "
+            f"Pareto front ({n}: {', '.join(name(f) for f in goal['front'])}; front by point estimates, "
+            "dominance as defined below). ")
+    if not best["dominates"]:
+        return [head + "No SST point dominates any of them."]
+    return [head + f"The best SST point, {name(best['point'])}, dominates {len(best['dominates'])} of the {n} "
+            f"({', '.join(name(f) for f in best['dominates'])})."]
 
 
 def options_text(o: dict) -> str:
@@ -93,6 +105,7 @@ def dev_chosen_section(results: dict) -> list[str]:
         L.append(f"| {p['method']} | {options_text(p['options'])} | {p['alpha']:g} | {_pct(r['safety']['value'])} | "
                  f"{_pct(r['over_refusal']['value'])} | {_pct(r['utility']['value'])} | {_change(r['safety_gain'])} | "
                  f"{_change(r['utility_loss'])} | {_tax(r['safety_tax'])} |")
+    L += [""] + goal_line(dc.get("goal"), "dev-chosen points")
     L += ["", "SST-Merge's dev-chosen point against each baseline's (paired, Holm across these comparisons; "
           "differences SST minus baseline, points):", ""]
     word = {"a": "SST-Merge dominates it", "b": "it dominates SST-Merge", None: "neither dominates"}
@@ -147,7 +160,8 @@ def write_report(results: dict, out_dir: str | Path) -> None:
     if undefined:
         L += ["", "Undefined Safety Tax, with the reason:", ""]
         L += [f"- {r['method']} α={r['alpha']:g}: {r['safety_tax']['reason']}" for r in undefined]
-    L += ["", "## Where SST-Merge stands", ""] + sst_standing(results)
+    L += ["", "## Where SST-Merge stands", ""] + goal_line(results.get("goal"), "every α of the grid")
+    L += sst_standing(results)
     L += dev_chosen_section(results)
     L += [
         "",

@@ -220,3 +220,34 @@ def dominance(comparisons: list[dict], level: float = 0.05) -> list[dict]:
         verdict = "a" if wins(1) else "b" if wins(-1) else None
         out.append({**c, "p_holm": p_holm, "verdict": verdict})
     return out
+
+
+def pareto_front(points: Sequence[Mapping[str, Mapping]]) -> list[int]:
+    """Indices of the points no other point weakly beats on the point estimates of :data:`BETTER`.
+
+    ``q`` beats ``p`` when ``s·(q_k − p_k) ≥ 0`` for every quantity k (s its direction in
+    :data:`BETTER`) and ``> 0`` for one; points with identical estimates all stay on the front.
+    The front is descriptive (point estimates): a goal stated against it is then tested point by
+    point with :func:`dominance`.
+    """
+    val = [[s * p[q]["value"] for q, s in BETTER.items()] for p in points]
+    beats = lambda u, v: all(x >= y for x, y in zip(u, v)) and any(x > y for x, y in zip(u, v))  # noqa: E731
+    return [i for i, v in enumerate(val) if not any(beats(u, v) for j, u in enumerate(val) if j != i)]
+
+
+def frontier_goal(sst: Sequence, baselines: Sequence, rates, verdicts: Sequence[Mapping]) -> dict:
+    """Does one SST point dominate every point of the baselines' Pareto front?
+
+    ``sst`` and ``baselines`` are point labels ({method, alpha}); ``rates(label)`` their rates
+    ({safety, utility, over_refusal} → {value, ...}); ``verdicts`` the :func:`dominance` entries
+    comparing SST points (``a``) with baseline points (``b``). Returns the front, how many of its
+    points each SST point dominates, and ``met``: some SST point dominates all of them.
+    """
+    front = [baselines[i] for i in pareto_front([rates(b) for b in baselines])]
+    won = {(_label(v["a"]), _label(v["b"])) for v in verdicts if v["verdict"] == "a"}
+    per = [{"point": s, "dominates": [f for f in front if (_label(s), _label(f)) in won]} for s in sst]
+    return {"front": list(front), "sst": per, "met": bool(front) and any(len(p["dominates"]) == len(front) for p in per)}
+
+
+def _label(p: Mapping) -> tuple:
+    return p["method"], p["alpha"]
