@@ -90,7 +90,11 @@ def test_exp1_tuned_reports_the_dev_choices_on_test(tuned):
     comps = [{"a": a, "b": b, "diff": stats.compare(rec(f"sst_a{a['alpha']:g}"), rec(f"task_arithmetic_a{b['alpha']:g}"),
                                                     n_boot=cfg["n_boot"], seed=cfg["seed"])}]
     assert json.loads(json.dumps(stats.dominance(comps))) == dc["verdicts"]
-    assert "## Dev-chosen points" in (out / "report.md").read_text()
+    # one baseline point is its own front: the goal is met exactly when SST dominates it
+    assert dc["goal"]["front"] == [{"method": "task_arithmetic", "alpha": b["alpha"]}]
+    assert dc["goal"]["met"] == (dc["verdicts"][0]["verdict"] == "a")
+    report = (out / "report.md").read_text()
+    assert "## Dev-chosen points" in report and "(dev-chosen points)" in report
     # the merged adapters carry the tuned options
     merge_info = json.loads((out / "merged" / f"sst_a{a['alpha']:g}" / "merge.json").read_text())
     for k, v in doc["methods"]["sst"]["options"].items():
@@ -125,3 +129,34 @@ def test_tune_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     r = _run("sstmerge.tune", [*args, "--out", str(tmp_path / "o")])
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _doc(model, scores, path="/w"):
+    """A tuned.json's table: per method, trials whose single α=1 point has dev score ``s``."""
+    pt = lambda s: {"alpha": 1.0, "refusal": s, "over_refusal": 0.0, "mmlu": 0.0}  # noqa: E731
+    return {"model": model, "table": {m: [{"trial": i, "options": {**o, "align_model": path}, "points": [pt(s)]}
+                                          for i, (o, s) in enumerate(trials)] for m, trials in scores.items()}}
+
+
+def test_across_averages_each_trials_best_dev_score_over_worlds_and_marks_the_winner():
+    a = _doc("tiny", {"sst": [({}, 0.9), ({"rule": "hard"}, 0.5)]}, path="/tiny")
+    b = _doc("smol", {"sst": [({}, 0.1), ({"rule": "hard"}, 0.7)]}, path="/smol")  # other pair paths: same grid
+    md = tune.across([a, b])
+    assert "| sst | defaults | 0.900 (α=1) | 0.100 (α=1) | 0.500 |" in md
+    assert "| sst | rule=hard | 0.500 (α=1) | 0.700 (α=1) | **0.600** |" in md
+    with pytest.raises(tune.InputError, match="other methods or option sets"):
+        tune.across([a, _doc("smol", {"sst": [({}, 0.1), ({"rule": "additive"}, 0.7)]})])
+    with pytest.raises(tune.InputError, match="at least two worlds"):
+        tune.across([a])
+
+
+def test_across_cli_reads_tuned_files_and_refuses_a_bad_one(tmp_path):
+    for name, s in (("a", 0.2), ("b", 0.4)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(_doc(name, {"ties": [({}, s)]})))
+    r = _run("sstmerge.tune", ["--across", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert r.returncode == 0 and "| ties | defaults | 0.200 (α=1) | 0.400 (α=1) | **0.300** |" in r.stdout, r.stderr
+    (tmp_path / "c.json").write_text("{}")
+    r = _run("sstmerge.tune", ["--across", str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+    assert r.returncode == 2 and "is not a tuned.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _run("sstmerge.tune", ["--across", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--trials", "2"])
+    assert r.returncode == 2 and "drop --trials" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -21,11 +21,16 @@ optimistic; exp1 re-measures it on test, where it took no part in the choice.
 Outputs in ``--out`` (default ``runs/tune-<model>``): ``tuned.json`` (the choices, every trial's
 dev numbers, the input hashes exp1 checks, provenance) and ``tune.md`` (the tables docs cite).
 Merges and evaluations are cached there like exp1's stages: an interrupted run resumes.
+
+**Across worlds.** ``python -m sstmerge.tune --across A/tuned.json B/tuned.json`` prints, for every
+method and trial, its best dev score on each world and their mean: a method's default is the trial
+with the highest mean (one choice for every world, made on dev items only).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -39,10 +44,11 @@ from .errors import CliParser, InputError, cli_main
 #: varies what its paper tunes: TIES/DARE density, the Safe LoRA/SafeMERGE similarity threshold,
 #: RegMean's off-diagonal scale, task arithmetic's utility weight; for the two Fisher methods (SST,
 #: Fisher averaging) also where the Fisher is taken (each adapter's model, the base, base+U+S), and
-#: for SST its rule (soft, or the additive safety-subspace rule with k directions per layer).
+#: for SST its rule (soft; hard, each direction taken whole from the side whose αλ passes the threshold;
+#: or the additive safety-subspace rule with k directions per layer).
 GRID: dict[str, list[dict]] = {
     "sst": [{}, {"fisher_at": "own"}, {"fisher_at": "merged"}, {"rule": "additive", "topk": 16},
-            {"rule": "additive", "topk": 16, "fisher_at": "own"}, {"rule": "additive", "topk": 64}],
+            {"rule": "hard"}, {"rule": "additive", "topk": 64}],
     "task_arithmetic": [{}, {"utility_weight": 0.8}, {"utility_weight": 1.2}, {"utility_weight": 0.6},
                         {"utility_weight": 1.4}, {"utility_weight": 0.4}],
     "ties": [{}, {"density": 0.1}, {"density": 0.4}, {"density": 0.7}, {"density": 0.05}, {"density": 0.9}],
@@ -109,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="kernel backend for Fisher and fused merges")
     p.add_argument("--align-model", metavar="DIR", help="as exp1's: an aligned model for Safe LoRA / SafeMERGE")
     p.add_argument("--align-base", metavar="DIR", help="as exp1's: the unaligned model of that pair")
+    p.add_argument("--across", nargs="+", metavar="TUNED_JSON",
+                   help="instead of tuning: print every trial's best dev score on each world's tuned.json and "
+                        "their mean (how a default is chosen across worlds)")
     return p
 
 
@@ -169,7 +178,8 @@ def run(cfg: exp1.Config, trials: int, out_dir: Path, log=print) -> dict:
         "references": {k: _rates(evals[k]) for k in ("ref_base", "ref_utility", "ref_safety")},
         "methods": {m: choose(rows) for m, rows in table.items()},
         "table": table,
-        "provenance": {**exp1._versions(), "git_commit": exp1._git_commit(), "seed": cfg.seed,
+        "provenance": {**exp1._versions(), "git_commit": exp1._git_commit(),
+                       "git_dirty": exp1._git_dirty(), "seed": cfg.seed,
                        "seconds": round(time.perf_counter() - t0, 1), "out_dir": str(out_dir)},
     }
     io.write_text(out_dir / "tune.md", markdown(doc))
@@ -204,13 +214,64 @@ def markdown(doc: dict) -> str:
         for t in rows:
             cells = [f"{_pct(p['refusal'])} / {_pct(p['over_refusal'])} / {_pct(p['mmlu'])}" for p in t["points"]]
             L.append(f"| {m} | {options_text(t['options'])} | " + " | ".join(cells) + " |")
-    L += ["", f"Made by `python -m sstmerge.tune --model {doc['model']} --trials {doc['trials']}"
-          + (" --quick" if doc["quick"] else "") + "` at commit " + str(doc["provenance"]["git_commit"]) + ".", ""]
+    L += ["", f"Made by `python -m sstmerge.tune --model {doc['model']} --trials {doc['trials']} --alphas "
+          + " ".join(f"{a:g}" for a in doc["alphas"]) + (" --quick" if doc["quick"] else "") + "` at commit " + str(doc["provenance"]["git_commit"])
+          + (" with uncommitted changes" if doc["provenance"].get("git_dirty") else "") + ".", ""]
     return "\n".join(L)
 
 
+def _grid_options(t: dict) -> dict:
+    """A trial's options without the world-specific alignment pair (the paths differ per world)."""
+    return {k: v for k, v in t["options"].items() if not k.startswith("align_")}
+
+
+def _read_tuned(path: str) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"--across: cannot read {path} as a tune run's tuned.json ({e})") from None
+    if not isinstance(doc, dict) or "table" not in doc or "model" not in doc:
+        raise InputError(f"--across: {path} is not a tuned.json written by python -m sstmerge.tune")
+    return doc
+
+
+def across(docs: Sequence[dict]) -> str:
+    """Markdown: every trial's best dev score (over its α) on each world and the mean over worlds.
+
+    A method's default should be the trial with the highest mean: one choice for all worlds, made on
+    dev items only. The worlds' tune runs must have tried the same option sets in the same order."""
+    if len(docs) < 2:
+        raise InputError("--across needs the tuned.json of at least two worlds")
+    first = docs[0]["table"]
+    for d in docs[1:]:
+        if {m: [_grid_options(t) for t in ts] for m, ts in d["table"].items()} != \
+                {m: [_grid_options(t) for t in ts] for m, ts in first.items()}:
+            raise InputError(f"--across: {d['model']}'s tune run tried other methods or option sets than "
+                             f"{docs[0]['model']}'s; rerun both with the same --methods and --trials")
+    names = [d["model"] for d in docs]
+    L = ["| method | trial options | " + " | ".join(names) + " | mean |", "|---|---|" + "---:|" * (len(names) + 1)]
+    for m, trials in first.items():
+        rows = []
+        for i, t in enumerate(trials):
+            best = [choose([d["table"][m][i]]) for d in docs]
+            rows.append((sum(b["score"] for b in best) / len(best), options_text(_grid_options(t)), best))
+        top = max(r[0] for r in rows)
+        for mean, opts, best in rows:
+            cells = [f"{b['score']:.3f} (α={b['alpha']:g})" for b in best]
+            mark = "**" if mean == top else ""
+            L.append(f"| {m} | {opts} | " + " | ".join(cells) + f" | {mark}{mean:.3f}{mark} |")
+    return "\n".join(L) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.across:
+        given = [k for k, v in vars(args).items() if k != "across" and v != parser.get_default(k)]
+        if given:
+            raise InputError(f"--across only reads tuned.json files; drop --{given[0].replace('_', '-')}")
+        print(across([_read_tuned(p) for p in args.across]), end="")
+        return 0
     cfg = _exp1_config(args)
     out = exp1.run_dir(args.out or f"runs/tune-{cfg.model}" + ("-quick" if cfg.quick else ""))
     doc = run(cfg, args.trials, out)
