@@ -197,3 +197,20 @@ def test_sst_and_fisher_avg_read_the_fisher_at_the_point_they_ask_for(chat_world
         needs(["sst"], {"sst": {"fisher_at": "base", "curvature": "kfac"}})
     with pytest.raises(InputError, match="fisher_at must be one of"):
         needs(["sst"], {"sst": {"fisher_at": "there"}})
+
+
+def test_fisher_key_follows_the_tensor_bytes_not_a_sum():
+    """Equal results give equal keys under any thread count; a change in one element (even one that
+    keeps a sum) changes the key."""
+    from sstmerge.merge.fisher_inputs import _results_key
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(300_000, generator=g)
+    keys = set()
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        keys.add(_results_key({("safety", "diag"): {"tensors": {"w": t.clone()}}}))
+    assert len(keys) == 1
+    swapped = t.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # the same sum, other bytes
+    assert _results_key({("safety", "diag"): {"tensors": {"w": swapped}}}) not in keys

@@ -146,15 +146,18 @@ def as_inputs(fisher) -> FisherInputs | None:
 
 
 def _results_key(results: Mapping) -> str:
-    h = hashlib.sha256()
+    """A digest of every result's role, kind, compute key and tensor bytes (names, dtypes, shapes, data).
+
+    The bytes, not a sum: a float64 sum of a large tensor differs in its last bits between thread counts
+    (a parallel reduction's order), which made a cached merge look stale when a run changed its threads."""
+    h = hashlib.blake2b(digest_size=16)
     for (role, kind) in sorted(results):
         h.update(f"{role}.{kind}".encode())
         meta = getattr(results[(role, kind)], "meta", None) or {}
         h.update(meta.get("sstmerge.merge.key", "").encode())
         for name, t in sorted(tensors_of(results[(role, kind)]).items()):
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(repr(float(t.sum(dtype=torch.float64))).encode())
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]
 
 
