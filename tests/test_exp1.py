@@ -71,6 +71,8 @@ def test_outputs_written(quick_run):
         assert (t["value"] is None) == (not t["defined"])
     prov = res["provenance"]
     assert prov["data_hashes"] and prov["config"]["quick"] and prov["timings_s"]["evaluate"] >= 0
+    assert prov["git_dirty"] in (True, False, None)  # None: an installed copy, not a work tree
+    assert prov["git_dirty"] is None or prov["git_commit"]
     report = (out / "report.md").read_text()
     assert "Where SST-Merge stands" in report and "task_arithmetic" in report
 

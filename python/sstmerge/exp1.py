@@ -620,6 +620,7 @@ def run(cfg: Config, out_dir: Path, stop_after: str | None = None, log=print) ->
         timings[name] = round(time.perf_counter() - timings[name], 3)
         return stop_after == name
 
+    source = {"git_commit": _git_commit(), "git_dirty": _git_dirty()}  # read as the run starts, not at its end
     stage("prepare")
     prep = prepare(cfg, log)  # validates all input before the run directory is created
     _check_tuned(cfg, prep)
@@ -666,7 +667,7 @@ def run(cfg: Config, out_dir: Path, stop_after: str | None = None, log=print) ->
         "baseline_kind": "base + utility adapter" if cfg.baseline == "utility" else "base model alone",
         **results,
         "provenance": {
-            **_versions(), "git_commit": _git_commit(), "git_dirty": _git_dirty(), "seed": cfg.seed,
+            **_versions(), **source, "seed": cfg.seed,
             "data_hashes": prep.hashes,
             "config": asdict(cfg), "timings_s": timings, "out_dir": str(out_dir),
             "evaluation_records": {k: f"eval/{k}/" for k in evals},

@@ -148,6 +148,7 @@ def run(cfg: exp1.Config, trials: int, out_dir: Path, log=print) -> dict:
     from .merge.fisher_inputs import compute, needs
 
     t0 = time.perf_counter()
+    source = {"git_commit": exp1._git_commit(), "git_dirty": exp1._git_dirty()}  # read as the run starts, not at its end
     (out_dir / "tuned.json").unlink(missing_ok=True)  # an earlier run's choice must not outlive a failing one
     prep = exp1.prepare(cfg, log)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,8 +179,7 @@ def run(cfg: exp1.Config, trials: int, out_dir: Path, log=print) -> dict:
         "references": {k: _rates(evals[k]) for k in ("ref_base", "ref_utility", "ref_safety")},
         "methods": {m: choose(rows) for m, rows in table.items()},
         "table": table,
-        "provenance": {**exp1._versions(), "git_commit": exp1._git_commit(),
-                       "git_dirty": exp1._git_dirty(), "seed": cfg.seed,
+        "provenance": {**exp1._versions(), **source, "seed": cfg.seed,
                        "seconds": round(time.perf_counter() - t0, 1), "out_dir": str(out_dir)},
     }
     io.write_text(out_dir / "tune.md", markdown(doc))
