@@ -122,11 +122,7 @@ def test_tax_and_verdicts_recomputed_from_the_per_item_records(quick_run):
         if v["verdict"] == "b":
             assert f"{v['b']['method']} α={v['b']['alpha']:g}" in report
     # the goal line: the baselines' front and SST's wins over it follow from the rows and verdicts
-    rows = {(r["method"], r["alpha"]): r for r in res["methods"]}
-    label = lambda r: {"method": r["method"], "alpha": r["alpha"]}  # noqa: E731
-    goal = stats.frontier_goal([label(r) for r in res["methods"] if r["method"] == "sst"],
-                               [label(r) for r in res["methods"] if r["method"] != "sst"],
-                               lambda p: rows[p["method"], p["alpha"]], res["verdicts"])
+    goal = stats.frontier_goal(res["methods"], res["verdicts"])
     assert json.loads(json.dumps(goal)) == res["goal"]
     assert ("**Goal met**" if goal["met"] else "**Goal not met**") in report
 

@@ -175,14 +175,13 @@ def test_pareto_front_keeps_only_unbeaten_points():
 def test_frontier_goal_needs_one_sst_point_to_dominate_the_whole_front():
     lab = lambda m, a: {"method": m, "alpha": a}  # noqa: E731
     base = [lab("ties", 1), lab("dare", 1), lab("dare", 2)]
-    r = {("ties", 1): _rates(0.9, 0.5, 0.1), ("dare", 1): _rates(0.5, 0.9, 0.1), ("dare", 2): _rates(0.4, 0.4, 0.1)}
-    rate = lambda p: r[p["method"], p["alpha"]]  # noqa: E731
+    rates = [_rates(0.9, 0.5, 0.1), _rates(0.5, 0.9, 0.1), _rates(0.4, 0.4, 0.1)]
+    rows = [{**lab("sst", 1), **_rates(0.2, 0.2, 0.2)}, {**lab("sst", 2), **_rates(0.2, 0.2, 0.2)}]
+    rows += [{**b, **r} for b, r in zip(base, rates)]
     v = lambda s, b, w: {"a": lab("sst", s), "b": b, "verdict": w}  # noqa: E731
     # α=1 beats each front point but α=2 only one: met through α=1
-    g = stats.frontier_goal([lab("sst", 1), lab("sst", 2)], base, rate,
-                            [v(1, base[0], "a"), v(1, base[1], "a"), v(2, base[0], "a"), v(2, base[1], None)])
+    g = stats.frontier_goal(rows, [v(1, base[0], "a"), v(1, base[1], "a"), v(2, base[0], "a"), v(2, base[1], None)])
     assert g["front"] == base[:2] and g["met"] and [len(p["dominates"]) for p in g["sst"]] == [2, 1]
     # the front split across two SST points is not the goal; a dominated non-front point does not count
-    g = stats.frontier_goal([lab("sst", 1), lab("sst", 2)], base, rate,
-                            [v(1, base[0], "a"), v(2, base[1], "a"), v(1, base[2], "a"), v(2, base[2], "a")])
+    g = stats.frontier_goal(rows, [v(1, base[0], "a"), v(2, base[1], "a"), v(1, base[2], "a"), v(2, base[2], "a")])
     assert not g["met"] and [len(p["dominates"]) for p in g["sst"]] == [1, 1]

@@ -557,16 +557,11 @@ def statistics(cfg: Config, prep: Prepared, evals: dict, baseline_key: str, diag
         r[q]["p_holm"] = p
     refs = {name: summary(outcomes(key)) for name, key in REFERENCES.items() if key in evals}
     out = {"baseline": summary(base), "methods": rows, "references": refs, "verdicts": verdicts(cfg, outcomes)}
-    rates = {(r["method"], r["alpha"]): r for r in rows}
-    rate = lambda p: rates[p["method"], p["alpha"]]  # noqa: E731
-    label = lambda r: {"method": r["method"], "alpha": r["alpha"]}  # noqa: E731
-    out["goal"] = stats.frontier_goal([label(r) for r in rows if r["method"] == "sst"],
-                                      [label(r) for r in rows if r["method"] != "sst"], rate, out["verdicts"])
+    out["goal"] = stats.frontier_goal(rows, out["verdicts"])
     if cfg.chosen_alpha:
         dc = out["dev_chosen"] = dev_chosen(cfg, outcomes)
-        points = [label(p) for p in dc["points"]]
-        dc["goal"] = stats.frontier_goal([p for p in points if p["method"] == "sst"],
-                                         [p for p in points if p["method"] != "sst"], rate, dc["verdicts"])
+        by_point = {(r["method"], r["alpha"]): r for r in rows}
+        dc["goal"] = stats.frontier_goal([by_point[p["method"], p["alpha"]] for p in dc["points"]], dc["verdicts"])
     return out
 
 

@@ -34,16 +34,19 @@ def _tax(t: dict) -> str:
     return f"{fmt(t['value'])} [{fmt(lo)}, {fmt(hi)}]"
 
 
+def _name(p: dict) -> str:
+    return f"{p['method']} α={p['alpha']:g}"
+
+
 def sst_standing(results: dict) -> list[str]:
     """Plain statements of where SST-Merge's points stand against the baselines' points."""
     rows = results["methods"]
     sst = [r for r in rows if r["method"] == "sst"]
     lines = []
-    name = lambda p: f"{p['method']} α={p['alpha']:g}"  # noqa: E731
     for s in sst:
         mine = [v for v in results["verdicts"] if v["a"]["alpha"] == s["alpha"]]
-        beaten_by = [name(v["b"]) for v in mine if v["verdict"] == "b"]
-        beats = [name(v["b"]) for v in mine if v["verdict"] == "a"]
+        beaten_by = [_name(v["b"]) for v in mine if v["verdict"] == "b"]
+        beats = [_name(v["b"]) for v in mine if v["verdict"] == "a"]
         head = (
             f"- SST-Merge α={s['alpha']:g}: refusal {_pct(s['safety']['value'])}%, "
             f"over-refusal {_pct(s['over_refusal']['value'])}%, utility {_pct(s['utility']['value'])}%. "
@@ -70,17 +73,16 @@ def goal_line(goal: dict | None, what: str) -> list[str]:
     """The project's goal, stated plainly: does one SST point dominate the whole baselines' front?"""
     if not goal or not goal["front"]:
         return []
-    name = lambda p: f"{p['method']} α={p['alpha']:g}"  # noqa: E731
     n = len(goal["front"])
     best = max(goal["sst"], key=lambda p: len(p["dominates"]))
     word = "met" if goal["met"] else "not met"
     head = (f"- **Goal {word}** ({what}): an SST-Merge point must dominate every point of the baselines' "
-            f"Pareto front ({n}: {', '.join(name(f) for f in goal['front'])}; front by point estimates, "
+            f"Pareto front ({n}: {', '.join(_name(f) for f in goal['front'])}; front by point estimates, "
             "dominance as defined below). ")
     if not best["dominates"]:
         return [head + "No SST point dominates any of them."]
-    return [head + f"The best SST point, {name(best['point'])}, dominates {len(best['dominates'])} of the {n} "
-            f"({', '.join(name(f) for f in best['dominates'])})."]
+    return [head + f"The best SST point, {_name(best['point'])}, dominates {len(best['dominates'])} of the {n} "
+            f"({', '.join(_name(f) for f in best['dominates'])})."]
 
 
 def options_text(o: dict) -> str:

@@ -235,18 +235,25 @@ def pareto_front(points: Sequence[Mapping[str, Mapping]]) -> list[int]:
     return [i for i, v in enumerate(val) if not any(beats(u, v) for j, u in enumerate(val) if j != i)]
 
 
-def frontier_goal(sst: Sequence, baselines: Sequence, rates, verdicts: Sequence[Mapping]) -> dict:
+def frontier_goal(rows: Sequence[Mapping], verdicts: Sequence[Mapping]) -> dict:
     """Does one SST point dominate every point of the baselines' Pareto front?
 
-    ``sst`` and ``baselines`` are point labels ({method, alpha}); ``rates(label)`` their rates
-    ({safety, utility, over_refusal} → {value, ...}); ``verdicts`` the :func:`dominance` entries
-    comparing SST points (``a``) with baseline points (``b``). Returns the front, how many of its
-    points each SST point dominates, and ``met``: some SST point dominates all of them.
+    ``rows`` are the points, each ``{method, alpha, safety, utility, over_refusal}`` (rates as
+    ``{value, ...}``); SST's are those of method ``sst``. ``verdicts`` are the :func:`dominance` entries
+    comparing SST points (``a``) with baseline points (``b``). Returns the front's labels
+    ``{method, alpha}``, the front points each SST point dominates, and ``met``: some SST point
+    dominates all of them.
     """
-    front = [baselines[i] for i in pareto_front([rates(b) for b in baselines])]
+    baselines = [r for r in rows if r["method"] != "sst"]
+    front = [_point(baselines[i]) for i in pareto_front(baselines)]
     won = {(_label(v["a"]), _label(v["b"])) for v in verdicts if v["verdict"] == "a"}
-    per = [{"point": s, "dominates": [f for f in front if (_label(s), _label(f)) in won]} for s in sst]
-    return {"front": list(front), "sst": per, "met": bool(front) and any(len(p["dominates"]) == len(front) for p in per)}
+    per = [{"point": _point(s), "dominates": [f for f in front if (_label(s), _label(f)) in won]}
+           for s in rows if s["method"] == "sst"]
+    return {"front": front, "sst": per, "met": bool(front) and any(len(p["dominates"]) == len(front) for p in per)}
+
+
+def _point(p: Mapping) -> dict:
+    return {"method": p["method"], "alpha": p["alpha"]}
 
 
 def _label(p: Mapping) -> tuple:
